@@ -1,0 +1,77 @@
+"""Every default of simpo_jax, in one place. Recipes import this and override what they change.
+
+Field names follow the SimPO / alignment-handbook recipes, so the hyperparameter guides in the
+seed documents apply by name.
+
+Run: python run.py --config=configs/base.py --config.model_name_or_path=/path/to/hf_model
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- Model ---------------------------------------------------------------------------------
+    c.model_name_or_path = ""  # local Hugging Face folder (config.json + safetensors)
+    c.model_init = ml_collections.ConfigDict()  # config.json fields for a randomly initialised model
+    c.model_init_seed = 0  # PRNG seed of that random initialisation
+    c.tokenizer_name_or_path = ""  # "" = model_name_or_path
+    c.trust_remote_code = False  # never run code shipped with a checkpoint unless asked
+    c.bf16 = False  # bfloat16 compute over float32 master parameters
+    c.gradient_checkpointing = False  # rematerialise each decoder block in the backward pass
+    c.remat_policy = "full"  # with gradient_checkpointing: full | dots | dots_saveable
+
+    # --- Data ----------------------------------------------------------------------------------
+    c.dataset_mixer = ml_collections.ConfigDict(allow_dotted_keys=True)  # {name_or_path: fraction <= 1 or row count}
+    c.dataset_splits = ("train_prefs", "test_prefs")
+    c.data_format = "auto"  # auto | ultrafeedback | messages | distilabel_math | plain
+    c.assistant_header_in = "prompt"  # prompt (TRL) | completion (original SimPO scripts)
+    c.max_length = 1024  # tokens, prompt + completion
+    c.max_prompt_length = 512  # tokens
+    c.truncation_mode = "keep_end"  # keep_end | keep_start (for over-long prompts)
+    c.max_dropped_fraction = 0.05  # stop if more rows than this are dropped as bad
+    c.preprocessing_num_workers = 1  # processes for tokenisation
+    c.dataset_cache_dir = ""  # "" = datasets' default cache
+
+    # --- SimPO objective -----------------------------------------------------------------------
+    c.beta = 2.0  # reward scale (SimPO range 2-10)
+    c.gamma_beta_ratio = 0.5  # target margin gamma/beta (0-1)
+    c.loss_type = "sigmoid"  # sigmoid | hinge
+    c.label_smoothing = 0.0  # sigmoid only
+    c.sft_weight = 0.0  # weight of the chosen-completion NLL term
+
+    # --- Optimizer and schedule ----------------------------------------------------------------
+    c.learning_rate = 5e-7  # peak learning rate
+    c.lr_scheduler_type = "cosine"  # cosine | linear | constant_with_warmup (transformers semantics)
+    c.warmup_ratio = 0.1  # fraction of total steps; used when warmup_steps == 0
+    c.warmup_steps = 0  # optimizer steps; overrides warmup_ratio when > 0
+    c.weight_decay = 0.0  # AdamW decoupled decay; never applied to norms and biases
+    c.adam_beta1 = 0.9
+    c.adam_beta2 = 0.999
+    c.adam_epsilon = 1e-8
+    c.max_grad_norm = 1.0  # global-norm clipping; 0 disables
+
+    # --- Batch and length of training ----------------------------------------------------------
+    c.num_train_epochs = 1.0  # used when max_steps < 0
+    c.max_steps = -1  # optimizer steps; overrides num_train_epochs when > 0
+    c.per_device_train_batch_size = 2  # pairs per data-parallel device per micro-batch
+    c.per_device_eval_batch_size = 4  # pairs per data-parallel device
+    c.gradient_accumulation_steps = 4  # micro-batches per optimizer step
+
+    # --- Mesh: data x fsdp x tensor; -1 fills the remaining devices ----------------------------
+    c.mesh_data = 1
+    c.mesh_fsdp = -1
+    c.mesh_tensor = 1
+
+    # --- Output, logging, evaluation, checkpoints ----------------------------------------------
+    c.output_dir = "outputs/run"
+    c.seed = 42  # data order
+    c.logging_steps = 10  # optimizer steps between metric rows
+    c.eval_steps = 100  # optimizer steps between evaluations (also one before step 1 and at the end)
+    c.save_steps = 500  # optimizer steps between checkpoints
+    c.save_total_limit = 2  # checkpoints kept
+    c.resume_from = ""  # a checkpoint step folder; "" = latest complete one in output_dir, if any
+    c.export_dtype = "bfloat16"  # dtype of the final Hugging Face export: bfloat16 | float32
+    c.max_shard_size = "5GB"  # safetensors shard size of the export
+    return c

@@ -1,0 +1,75 @@
+"""Orbax checkpoints of the train state plus a JSON record of what produced them.
+
+A checkpoint is written to a temporary directory and renamed when complete (orbax's atomic
+finalisation), so a save interrupted by preemption is never listed. A finalised step whose files
+were damaged later fails to restore and is skipped with a warning in favour of the previous one.
+The data position is the step itself: the data order is a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves and restores {state, meta} under <output_dir>/checkpoints/<step>."""
+
+    def __init__(self, directory: str, *, save_total_limit: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=save_total_limit if save_total_limit > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Starts an asynchronous save; `wait` or the next save blocks until it is complete."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of `step`, or of the latest step that restores; None if none does.
+
+        `abstract_state` holds jax.ShapeDtypeStruct leaves with the target shardings, so a checkpoint
+        written on one mesh restores onto another.
+        """
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        for s in candidates:
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # damaged or incompatible: report, fall back to an older one
+                if step is not None:
+                    raise
+                log.warning("Skipping checkpoint %s/%d: it does not restore (%s: %s).",
+                            self.directory, s, type(e).__name__, str(e).splitlines()[0][:300])
+                continue
+            return s, restored["state"], restored["meta"]
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings, the restore target for orbax."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)

@@ -1,0 +1,81 @@
+"""AdamW with clipping and transformers-compatible learning-rate schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from simpo_jax.sharding import path_str
+
+SCHEDULES = ("cosine", "linear", "constant_with_warmup")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    max_grad_norm: float
+
+    @classmethod
+    def from_config(cls, config) -> "OptimConfig":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def num_warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """transformers' TrainingArguments.get_warmup_steps: warmup_steps wins, else ceil(ratio·total)."""
+    if cfg.warmup_steps > 0:
+        return cfg.warmup_steps
+    return math.ceil(total_steps * cfg.warmup_ratio)
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate of optimizer update `count` (0-based), as transformers' LambdaLR gives it."""
+    if cfg.lr_scheduler_type not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type={cfg.lr_scheduler_type!r}: must be one of {SCHEDULES}.")
+    warmup = num_warmup_steps(cfg, total_steps)
+    peak = cfg.learning_rate
+    kind = cfg.lr_scheduler_type
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32)
+        warm = step / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        elif kind == "linear":
+            after = jnp.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        else:
+            after = jnp.ones_like(step)
+        return peak * jnp.where(step < warmup, warm, after)
+
+    return schedule
+
+
+def decay_mask(params):
+    """True where weight decay applies: never on norms or biases (as transformers' Trainer)."""
+
+    def one(path, _):
+        name = path_str(path).lower()
+        return not ("norm" in name or name.endswith("bias") or ".bias." in name)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                 optax.Schedule]:
+    schedule = make_schedule(cfg, total_steps)
+    adamw = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw), schedule
+    return adamw, schedule

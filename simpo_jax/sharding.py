@@ -1,0 +1,131 @@
+"""Device mesh, the parameter-path -> PartitionSpec table, and batch shardings.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer
+state sharded, ZeRO-3 style) and `tensor` (Megatron-style tensor parallelism).
+
+All axes are `AxisType.Auto`: the train step pins its inputs and outputs with explicit
+NamedShardings and XLA's partitioner propagates everything in between. Explicit axis types
+(the JAX 0.10 default) would make every einsum in the model declare its output sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Parameter path (dot-joined NNX path, mirroring Hugging Face keys; stacked layers carry a
+# leading layer axis) -> PartitionSpec. First match wins. Parameters are stored in Hugging Face
+# orientation: Linear weights are [out_features, in_features], embeddings [vocab, hidden].
+PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens\.weight$", P("tensor", "fsdp")),
+    (r"lm_head\.weight$", P("tensor", "fsdp")),
+    (r"layers\..*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", P(None, "tensor", "fsdp")),
+    (r"layers\..*(o_proj|down_proj)\.weight$", P(None, "fsdp", "tensor")),
+    (r"layers\..*(q_proj|k_proj|v_proj)\.bias$", P(None, "tensor")),
+    (r"norm", P()),  # RMSNorm weights: small, replicated
+    (r".*", P()),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; -1 fills the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    @classmethod
+    def from_config(cls, config) -> "MeshConfig":
+        return cls(data=config.mesh_data, fsdp=config.mesh_fsdp, tensor=config.mesh_tensor)
+
+
+def mesh_shape(mesh_config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 entries; error names the field when the device count does not divide."""
+    sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp, "tensor": mesh_config.tensor}
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(f"At most one of mesh_data/mesh_fsdp/mesh_tensor may be -1, got {sizes}.")
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ValueError(f"mesh_{k}={v}: must be a positive integer or -1 (fill).")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes "
+                f"(product {fixed}); choose sizes whose product divides {num_devices}."
+            )
+        sizes[fill[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are "
+            "available; set one of mesh_data/mesh_fsdp/mesh_tensor to -1 to fill."
+        )
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types over `devices` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Dot-joined parameter path from a pytree key path or an NNX state path."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue  # nnx.Variable leaves flatten with a trailing `.value`
+        k = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(k))
+    return ".".join(parts)
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh) -> P:
+    """The table's PartitionSpec for `path`, dropping axes that do not divide the dimension."""
+    for pattern, spec in PARTITION_RULES:
+        if re.search(pattern, path):
+            break
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    if len(spec) > len(shape):  # rule written for a stacked tensor applied to an unstacked one
+        spec = spec[len(spec) - len(shape):]
+    out = []
+    for dim, axis in zip(shape, spec):
+        size = 1 if axis is None else mesh.shape[axis]
+        out.append(axis if axis is not None and size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
+    """NamedShardings for every array leaf of a pytree (e.g. an nnx.State of parameters)."""
+
+    def one(path, leaf):
+        return NamedSharding(mesh, spec_for(path_str(path), leaf.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batches are split over data x fsdp along their leading (pair) axis."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,259 @@
+"""The training loop: config -> data + model -> sharded state -> steps -> checkpoints -> export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from simpo_jax import checkpoint as ckpt_lib
+from simpo_jax import config as config_lib
+from simpo_jax import data as data_lib
+from simpo_jax import loss as loss_lib
+from simpo_jax import models
+from simpo_jax import optim
+from simpo_jax import report
+from simpo_jax import sharding as sharding_lib
+from simpo_jax import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a mode needs, built once from the config."""
+
+    config: object
+    mesh: object
+    tokenizer: object
+    data: object
+    graphdef: object
+    state: step_lib.TrainState
+    state_shardings: step_lib.TrainState
+    train_step: object
+    eval_step: object
+    total_steps: int
+    global_batch: int
+    eval_batch: int
+    checkpointer: ckpt_lib.Checkpointer
+    meta: dict
+
+
+def resolve_path(path: str) -> str:
+    """A relative path as given if it exists from here, else relative to the repository root."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidate = os.path.join(root, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def load_model(config, tokenizer, mesh):
+    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    remat = config.remat_policy if config.gradient_checkpointing else "none"
+    if config.model_name_or_path:
+        return models.from_pretrained(resolve_path(config.model_name_or_path), dtype=dtype,
+                                      param_dtype=jnp.float32, mesh=mesh, remat_policy=remat)
+    hf_config = config.model_init.to_dict()
+    if hf_config["vocab_size"] < len(tokenizer):
+        raise ValueError(f"config.model_init.vocab_size={hf_config['vocab_size']} is smaller than the "
+                         f"tokenizer's {len(tokenizer)} tokens.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        hf_config[name] = getattr(tokenizer, name)
+    return models.from_config(hf_config, dtype=dtype, param_dtype=jnp.float32,
+                              seed=config.model_init_seed, mesh=mesh, remat_policy=remat)
+
+
+def total_train_steps(config, steps_per_epoch: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+
+
+def build(config) -> Run:
+    config_lib.validate(config)
+    os.makedirs(config.output_dir, exist_ok=True)
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
+    dp = sharding_lib.data_parallel_size(mesh)
+    micro = config.per_device_train_batch_size * dp
+    global_batch = micro * config.gradient_accumulation_steps
+    eval_batch = config.per_device_eval_batch_size * dp
+    if global_batch % jax.process_count():
+        raise ValueError(f"The global batch of {global_batch} pairs does not split over "
+                         f"{jax.process_count()} processes.")
+    print(f"effective batch size: {global_batch} pairs = per_device_train_batch_size "
+          f"{config.per_device_train_batch_size} x {dp} data-parallel devices (mesh "
+          f"{dict(mesh.shape)}) x gradient_accumulation_steps {config.gradient_accumulation_steps}",
+          flush=True)
+
+    data_config = dataclasses.replace(
+        data_lib.DataConfig.from_config(config),
+        tokenizer_name_or_path=resolve_path(config.tokenizer_name_or_path
+                                            or config.model_name_or_path))
+    tokenizer = data_lib.load_tokenizer(data_config)
+    data = data_lib.build_datasets(data_config, tokenizer)
+    if jax.process_index() == 0:
+        data_lib.write_report(data.report, config.output_dir)
+    steps_per_epoch = data_lib.steps_per_epoch(data.train, global_batch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
+                         f"global batch of {global_batch}.")
+    total_steps = total_train_steps(config, steps_per_epoch)
+
+    model = load_model(config, tokenizer, mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps)
+    loss_cfg = loss_lib.LossConfig.from_config(config)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+    train_step, state_sh = step_lib.jit_train_step(
+        mesh, abstract_state, graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
+        accumulation_steps=config.gradient_accumulation_steps)
+    state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+    model_meta = {k: v for k, v in model.hf_config_dict.items() if k not in ("torch_dtype", "dtype")}
+    del model, params
+    eval_step = step_lib.jit_eval_step(mesh, state_sh.params, graphdef=graphdef, cfg=loss_cfg)
+
+    meta = {
+        "model": json.loads(json.dumps(model_meta, default=str)),
+        "data_fingerprint": data.fingerprint,
+        "global_batch": global_batch,
+        "total_steps": total_steps,
+        "seed": config.seed,
+    }
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
+                                         save_total_limit=config.save_total_limit)
+    return Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
+               total_steps, global_batch, eval_batch, checkpointer, meta)
+
+
+def resume(run: Run) -> int:
+    """Restores the latest complete checkpoint (or config.resume_from); returns the start step."""
+    config = run.config
+    if not run.checkpointer.steps() and not config.resume_from:
+        return 0
+    target = ckpt_lib.abstract_with_shardings(run.state, run.state_shardings)
+    checkpointer = run.checkpointer
+    step = None
+    if config.resume_from:
+        path = os.path.abspath(config.resume_from)
+        checkpointer = ckpt_lib.Checkpointer(os.path.dirname(path), save_total_limit=0)
+        step = int(os.path.basename(path))
+    restored = checkpointer.restore(target, step)
+    if restored is None:
+        log.warning("No checkpoint under %s restores; starting from step 0.", checkpointer.directory)
+        return 0
+    step, state, meta = restored
+    for key in ("model", "data_fingerprint", "global_batch", "seed"):
+        if meta.get(key) != run.meta[key]:
+            raise ValueError(
+                f"Checkpoint {checkpointer.directory}/{step} was written with a different {key}: "
+                f"{meta.get(key)!r} there, {run.meta[key]!r} now. Use a new output_dir, or restore "
+                "the settings of that run.")
+    run.state = state
+    print(f"Resumed from {checkpointer.directory}/{step}.", flush=True)
+    return step
+
+
+def to_global(batch: dict, shardings: dict) -> dict:
+    """This process's rows of the global batch -> global jax.Arrays sharded over data x fsdp."""
+    out = {}
+    for k in step_lib.BATCH_KEYS:
+        local = np.asarray(batch[k])
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(shardings[k], local, global_shape)
+    return out
+
+
+def evaluate(run: Run) -> dict:
+    """Metrics over the whole eval split (padding pairs excluded)."""
+    shardings = step_lib.batch_shardings(run.mesh)
+    total = None
+    for batch in data_lib.eval_batches(
+            run.data.eval, batch_size=run.eval_batch // jax.process_count(),
+            pad_id=run.data.pad_id, max_length=run.config.max_length,
+            process_index=jax.process_index(), process_count=jax.process_count()):
+        sums = run.eval_step(run.state.params, to_global(batch, shardings))
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    metrics = loss_lib.finalize_metrics(total, loss_lib.LossConfig.from_config(run.config))
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def check_finite(step: int, metrics: dict) -> None:
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
+    if bad:
+        raise FloatingPointError(
+            f"Step {step}: {', '.join(bad)} is not finite ({', '.join(f'{k}={metrics[k]}' for k in bad)}). "
+            "The run stopped without writing a checkpoint of this state. Lower learning_rate "
+            "(e.g. 3e-7 instead of 5e-7 for 7B models) or beta (e.g. 1.0 instead of 2.0).")
+
+
+def train(config) -> dict:
+    """Trains per `config`; returns the final eval metrics. Output contract in the README."""
+    run = build(config)
+    start = resume(run)
+    writer = report.MetricsWriter(config.output_dir, run.total_steps)
+    if start == 0:
+        writer.write(0, evaluate(run), prefix="eval_")
+    shardings = step_lib.batch_shardings(run.mesh)
+    batches = data_lib.train_batches(
+        run.data.train, batch_size=run.global_batch // jax.process_count(), seed=config.seed,
+        start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
+        pad_id=run.data.pad_id, max_length=config.max_length)
+
+    pending = None  # (step, metrics on device, dispatch time): read one step late
+    last_time = time.time()
+
+    def flush():
+        nonlocal pending, last_time
+        if pending is None:
+            return
+        step, metrics = pending
+        pending = None
+        metrics = jax.device_get(metrics)
+        check_finite(step, metrics)
+        now = time.time()
+        tokens_per_second = float(metrics.pop("num_tokens")) / max(now - last_time, 1e-9)
+        last_time = now
+        if step % config.logging_steps == 0 or step == run.total_steps:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics["tokens_per_second"] = tokens_per_second
+            writer.write(step, metrics)
+
+    for step in range(start + 1, run.total_steps + 1):
+        batch = to_global(next(batches), shardings)
+        run.state, metrics = run.train_step(run.state, batch)
+        flush()
+        pending = (step, metrics)
+        if step % config.save_steps == 0 or step % config.eval_steps == 0:
+            flush()
+        if step % config.save_steps == 0 and step != run.total_steps:
+            run.checkpointer.save(step, run.state, run.meta)
+        if step % config.eval_steps == 0 and step != run.total_steps:
+            writer.write(step, evaluate(run), prefix="eval_")
+    flush()
+    final = evaluate(run)
+    writer.write(run.total_steps, final, prefix="eval_")
+    if start < run.total_steps:
+        run.checkpointer.save(run.total_steps, run.state, run.meta)
+    run.checkpointer.close()
+    export(run)
+    with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
+        json.dump(final, f, indent=2)
+    return final
+
+
+def export(run: Run, out_dir: str | None = None) -> str:
+    """Writes the current parameters as a Hugging Face folder (output_dir by default)."""
+    out_dir = out_dir or run.config.output_dir
+    model = nnx.merge(run.graphdef, run.state.params)
+    models.save_pretrained(model, out_dir, tokenizer=run.tokenizer, dtype=run.config.export_dtype,
+                           max_shard_size=run.config.max_shard_size)
+    return out_dir
