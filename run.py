@@ -1,11 +1,33 @@
 """simpo_jax command line: python run.py --config=configs/tiny.py [--config.field=value ...] [--mode=train]."""
 
+import re
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file.",
                                           lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do with the config.")
+
+
+def parse_flags(argv):
+    """absl parsing, but a bad override is one line naming the field, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        raw = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        name = re.search(r"'([^']+)'", raw)
+        hint = re.search(r'Did you mean "([^"]+)"', raw)
+        flag = [a.split("=")[0] for a in argv[1:]
+                if name and a.startswith("--config.") and name.group(1) in a.split("=")[0]]
+        if isinstance(e, (AttributeError, KeyError)) and flag:
+            print(f"run.py: error: {flag[0]}: {name.group(1)!r} is not a config field"
+                  + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+                  + "; configs/base.py lists the fields.", file=sys.stderr)
+        else:
+            print(f"run.py: error: {type(e).__name__}: {raw}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -16,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
