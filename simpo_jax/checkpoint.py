@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -73,3 +75,47 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings, the restore target for orbax."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+class PreemptionGuard:
+    """SIGTERM/SIGINT ask the loop to finish its step, save and exit cleanly.
+
+    Multi-process runs agree on the step through JAX's preemption sync point (the coordination
+    service catches SIGTERM on every host), so every host saves the same step.
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signal_name = self.signal_name or "preemption notice"
+            except Exception:  # no preemption service in this runtime: fall back to the flag
+                flags = multihost_utils.process_allgather(
+                    np.asarray([self.signal_name is not None]))
+                if np.any(flags):
+                    self.signal_name = self.signal_name or "a signal on another host"
+        return self.signal_name is not None

@@ -129,3 +129,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = -1,
+                           process_id: int = -1) -> None:
+    """Joins a multi-process run through JAX's own runtime, before any other JAX call.
+
+    With a coordinator address (GPU clusters, CPU tests) the three values come from the config or
+    from the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables.
+    On TPU pods and SLURM jobs `jax.distributed.initialize()` detects them itself; set
+    coordinator_address="auto" for that. An empty address means a single-process run.
+    """
+    import os
+
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if not coordinator_address:
+        return
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+        return
+    num_processes = num_processes if num_processes > 0 else int(os.environ["JAX_NUM_PROCESSES"])
+    process_id = process_id if process_id >= 0 else int(os.environ["JAX_PROCESS_ID"])
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):  # no backend call before init
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

@@ -208,7 +208,7 @@ def train(config) -> dict:
         start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
         pad_id=run.data.pad_id, max_length=config.max_length)
 
-    pending = None  # (step, metrics on device, dispatch time): read one step late
+    pending = None  # (step, metrics on device): read one step late, after t+1 is dispatched
     last_time = time.time()
 
     def flush():
@@ -227,26 +227,36 @@ def train(config) -> dict:
             metrics["tokens_per_second"] = tokens_per_second
             writer.write(step, metrics)
 
-    for step in range(start + 1, run.total_steps + 1):
-        batch = to_global(next(batches), shardings)
-        run.state, metrics = run.train_step(run.state, batch)
-        flush()
-        pending = (step, metrics)
-        if step % config.save_steps == 0 or step % config.eval_steps == 0:
+    with ckpt_lib.PreemptionGuard() as guard:
+        for step in range(start + 1, run.total_steps + 1):
+            batch = to_global(next(batches), shardings)
+            run.state, metrics = run.train_step(run.state, batch)
             flush()
-        if step % config.save_steps == 0 and step != run.total_steps:
-            run.checkpointer.save(step, run.state, run.meta)
-        if step % config.eval_steps == 0 and step != run.total_steps:
-            writer.write(step, evaluate(run), prefix="eval_")
-    flush()
+            pending = (step, metrics)
+            if step % config.save_steps == 0 or step % config.eval_steps == 0:
+                flush()  # never checkpoint a step whose metrics were not checked
+            if guard.should_stop(step):
+                flush()
+                run.checkpointer.save(step, run.state, run.meta)
+                run.checkpointer.close()
+                print(f"Stopped by {guard.signal_name} after step {step}/{run.total_steps}; "
+                      f"checkpoint saved in {run.checkpointer.directory}/{step}. Rerun the same "
+                      "command to resume from it.", flush=True)
+                return {"preempted_at_step": step}
+            if step % config.save_steps == 0 and step != run.total_steps:
+                run.checkpointer.save(step, run.state, run.meta)
+            if step % config.eval_steps == 0 and step != run.total_steps:
+                writer.write(step, evaluate(run), prefix="eval_")
+        flush()
     final = evaluate(run)
     writer.write(run.total_steps, final, prefix="eval_")
     if start < run.total_steps:
         run.checkpointer.save(run.total_steps, run.state, run.meta)
     run.checkpointer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
+            json.dump(final, f, indent=2)
     export(run)
-    with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
-        json.dump(final, f, indent=2)
     return final
 
 
