@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.bf16 = False  # bfloat16 compute over float32 master parameters
     c.gradient_checkpointing = False  # rematerialise each decoder block in the backward pass
     c.remat_policy = "full"  # with gradient_checkpointing: full | dots | dots_saveable
+    c.logits_chunk_size = 0  # positions per LM-head chunk in the loss; 0 = all at once
 
     # --- Data ----------------------------------------------------------------------------------
     c.dataset_mixer = ml_collections.ConfigDict(allow_dotted_keys=True)  # {name_or_path: fraction <= 1 or row count}
@@ -74,4 +75,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.resume_from = ""  # a checkpoint step folder; "" = latest complete one in output_dir, if any
     c.export_dtype = "bfloat16"  # dtype of the final Hugging Face export: bfloat16 | float32
     c.max_shard_size = "5GB"  # safetensors shard size of the export
+    c.export_dir = ""  # where --mode=export writes; "" = output_dir
+    c.push_to_hub = False  # upload the export (with a model card) to the Hugging Face Hub
+    c.hub_model_id = ""  # e.g. "your-name/mistral-7b-simpo"
+    c.hub_private_repo = False
+
+    # --- Multi-process runs (GPU clusters; TPU pods use "auto") ----------------------------------
+    c.coordinator_address = ""  # "" = single process; "auto" = detect (TPU pods, SLURM); host:port
+    c.num_processes = -1  # -1 = from JAX_NUM_PROCESSES
+    c.process_id = -1  # -1 = from JAX_PROCESS_ID
     return c

@@ -9,8 +9,10 @@ def main(config, mode: str = "train"):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if mode == "train":
-        from simpo_jax import train
+    from simpo_jax import train
 
-        return train.train(config)
-    raise ValueError(f"--mode={mode!r}: must be one of ['train'].")
+    modes = {"train": train.train, "eval": train.evaluate_checkpoint,
+             "export": train.export_checkpoint}
+    if mode not in modes:
+        raise ValueError(f"--mode={mode!r}: must be one of {sorted(modes)}.")
+    return modes[mode](config)

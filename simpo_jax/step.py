@@ -31,16 +31,25 @@ class TrainState:
     opt_state: Any
 
 
-def pair_forward(graphdef, params, batch, cfg: loss_lib.LossConfig):
-    """Chosen and rejected of every pair in one forward pass: per-pair sums and the objective parts."""
+def pair_forward(graphdef, params, batch, cfg: loss_lib.LossConfig, logits_chunk_size: int = 0):
+    """Chosen and rejected of every pair in one forward pass: per-pair sums and the objective parts.
+
+    logits_chunk_size > 0 applies the LM head that many positions at a time (never materialising
+    full-sequence logits); 0 computes all logits at once.
+    """
     model = nnx.merge(graphdef, params)
     ids = batch["input_ids"]
     b, two, t = ids.shape
     flat_ids = ids.reshape(b * two, t)
-    mask = (jnp.arange(t)[None, :] < batch["lengths"].reshape(b * two, 1)).astype(jnp.int32)
-    logits = model(flat_ids, mask)
-    logps, counts, mean_logits = loss_lib.sequence_stats(
-        logits, flat_ids, batch["completion_start"].reshape(-1), batch["lengths"].reshape(-1))
+    starts, lengths = batch["completion_start"].reshape(-1), batch["lengths"].reshape(-1)
+    mask = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
+    if logits_chunk_size:
+        hidden = model.hidden_states(flat_ids, mask)
+        logps, counts, mean_logits = loss_lib.sequence_stats_chunked(
+            hidden, model.logits_from_hidden, flat_ids, starts, lengths, logits_chunk_size)
+    else:
+        logits = model(flat_ids, mask)
+        logps, counts, mean_logits = loss_lib.sequence_stats(logits, flat_ids, starts, lengths)
     logps, counts, mean_logits = (x.reshape(b, two) for x in (logps, counts, mean_logits))
     token_sums = logps * counts
     return loss_lib.pair_metric_sums(logps, counts, mean_logits, batch["pair_mask"], token_sums, cfg)
@@ -54,7 +63,8 @@ def _denominators(batch):
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
-               schedule, cfg: loss_lib.LossConfig, accumulation_steps: int):
+               schedule, cfg: loss_lib.LossConfig, accumulation_steps: int,
+               logits_chunk_size: int = 0):
     """One optimizer update over `accumulation_steps` micro-batches of the global batch.
 
     Each micro-batch's objective is normalised by the global batch's pair and token counts, so the
@@ -63,7 +73,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     num_pairs, num_sft_tokens = _denominators(batch)
 
     def objective(params, micro):
-        sums, nll_sum, _ = pair_forward(graphdef, params, micro, cfg)
+        sums, nll_sum, _ = pair_forward(graphdef, params, micro, cfg, logits_chunk_size)
         obj = sums["simpo_loss"] / num_pairs
         if cfg.sft_weight:
             obj = obj + cfg.sft_weight * nll_sum / num_sft_tokens
@@ -102,9 +112,9 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     return new_state, metrics
 
 
-def eval_sums(params, batch, *, graphdef, cfg: loss_lib.LossConfig):
+def eval_sums(params, batch, *, graphdef, cfg: loss_lib.LossConfig, logits_chunk_size: int = 0):
     """Metric sums of one eval batch; add them up over the split, then `finalize_metrics`."""
-    sums, _, _ = pair_forward(graphdef, params, batch, cfg)
+    sums, _, _ = pair_forward(graphdef, params, batch, cfg, logits_chunk_size)
     return sums
 
 

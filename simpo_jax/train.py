@@ -17,6 +17,7 @@ from flax import nnx
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import config as config_lib
 from simpo_jax import data as data_lib
+from simpo_jax import hub
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
@@ -45,6 +46,7 @@ class Run:
     eval_batch: int
     checkpointer: ckpt_lib.Checkpointer
     meta: dict
+    start_step: int = 0
 
 
 def resolve_path(path: str) -> str:
@@ -56,20 +58,35 @@ def resolve_path(path: str) -> str:
     return candidate if os.path.exists(candidate) else path
 
 
-def load_model(config, tokenizer, mesh):
-    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
-    remat = config.remat_policy if config.gradient_checkpointing else "none"
+def model_config(config, tokenizer) -> dict:
+    """config.json fields of the model to train: the checkpoint's, or config.model_init's."""
     if config.model_name_or_path:
-        return models.from_pretrained(resolve_path(config.model_name_or_path), dtype=dtype,
-                                      param_dtype=jnp.float32, mesh=mesh, remat_policy=remat)
+        path = resolve_path(config.model_name_or_path)
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
     hf_config = config.model_init.to_dict()
     if hf_config["vocab_size"] < len(tokenizer):
         raise ValueError(f"config.model_init.vocab_size={hf_config['vocab_size']} is smaller than the "
                          f"tokenizer's {len(tokenizer)} tokens.")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf_config[name] = getattr(tokenizer, name)
-    return models.from_config(hf_config, dtype=dtype, param_dtype=jnp.float32,
-                              seed=config.model_init_seed, mesh=mesh, remat_policy=remat)
+    return hf_config
+
+
+def load_params(config, tokenizer, mesh, *, weights: bool):
+    """(graphdef, params): loaded into their shardings, or abstract when a checkpoint will fill them."""
+    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    remat = config.remat_policy if config.gradient_checkpointing else "none"
+    kwargs = dict(dtype=dtype, param_dtype=jnp.float32, remat_policy=remat)
+    hf_config = model_config(config, tokenizer)
+    if not weights:
+        model = nnx.eval_shape(lambda: models.from_config(hf_config, **kwargs))
+    elif config.model_name_or_path:
+        model = models.from_pretrained(resolve_path(config.model_name_or_path), mesh=mesh, **kwargs)
+    else:
+        model = models.from_config(hf_config, seed=config.model_init_seed, mesh=mesh, **kwargs)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -78,88 +95,104 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
     return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
 
 
-def build(config) -> Run:
+def build(config, *, with_data: bool = True) -> Run:
+    """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps."""
     config_lib.validate(config)
+    sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
+                                        config.process_id)
     os.makedirs(config.output_dir, exist_ok=True)
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
     dp = sharding_lib.data_parallel_size(mesh)
-    micro = config.per_device_train_batch_size * dp
-    global_batch = micro * config.gradient_accumulation_steps
+    global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
     eval_batch = config.per_device_eval_batch_size * dp
-    if global_batch % jax.process_count():
+    if global_batch % jax.process_count() or eval_batch % jax.process_count():
         raise ValueError(f"The global batch of {global_batch} pairs does not split over "
                          f"{jax.process_count()} processes.")
-    print(f"effective batch size: {global_batch} pairs = per_device_train_batch_size "
-          f"{config.per_device_train_batch_size} x {dp} data-parallel devices (mesh "
-          f"{dict(mesh.shape)}) x gradient_accumulation_steps {config.gradient_accumulation_steps}",
-          flush=True)
+    if with_data:
+        print(f"effective batch size: {global_batch} pairs = per_device_train_batch_size "
+              f"{config.per_device_train_batch_size} x {dp} data-parallel devices (mesh "
+              f"{dict(mesh.shape)}) x gradient_accumulation_steps "
+              f"{config.gradient_accumulation_steps}", flush=True)
 
     data_config = dataclasses.replace(
         data_lib.DataConfig.from_config(config),
         tokenizer_name_or_path=resolve_path(config.tokenizer_name_or_path
                                             or config.model_name_or_path))
     tokenizer = data_lib.load_tokenizer(data_config)
-    data = data_lib.build_datasets(data_config, tokenizer)
-    if jax.process_index() == 0:
-        data_lib.write_report(data.report, config.output_dir)
-    steps_per_epoch = data_lib.steps_per_epoch(data.train, global_batch)
-    if steps_per_epoch < 1:
-        raise ValueError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
-                         f"global batch of {global_batch}.")
-    total_steps = total_train_steps(config, steps_per_epoch)
+    data, total_steps = None, 1
+    if with_data:
+        data = data_lib.build_datasets(data_config, tokenizer)
+        if jax.process_index() == 0:
+            data_lib.write_report(data.report, config.output_dir)
+        steps_per_epoch = data_lib.steps_per_epoch(data.train, global_batch)
+        if steps_per_epoch < 1:
+            raise ValueError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
+                             f"global batch of {global_batch}.")
+        total_steps = total_train_steps(config, steps_per_epoch)
 
-    model = load_model(config, tokenizer, mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
+                                         save_total_limit=config.save_total_limit)
+    restoring = bool(checkpointer.steps() or config.resume_from)
+    graphdef, params = load_params(config, tokenizer, mesh, weights=not restoring)
     tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps)
     loss_cfg = loss_lib.LossConfig.from_config(config)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     train_step, state_sh = step_lib.jit_train_step(
         mesh, abstract_state, graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
-        accumulation_steps=config.gradient_accumulation_steps)
-    state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-    model_meta = {k: v for k, v in model.hf_config_dict.items() if k not in ("torch_dtype", "dtype")}
-    del model, params
-    eval_step = step_lib.jit_eval_step(mesh, state_sh.params, graphdef=graphdef, cfg=loss_cfg)
-
+        accumulation_steps=config.gradient_accumulation_steps,
+        logits_chunk_size=config.logits_chunk_size)
+    if restoring:
+        state = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
+    else:
+        state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+    del params
+    eval_step = step_lib.jit_eval_step(mesh, state_sh.params, graphdef=graphdef, cfg=loss_cfg,
+                                       logits_chunk_size=config.logits_chunk_size)
     meta = {
-        "model": json.loads(json.dumps(model_meta, default=str)),
-        "data_fingerprint": data.fingerprint,
+        "model": json.loads(json.dumps(model_config(config, tokenizer), default=str)),
+        "data_fingerprint": data.fingerprint if data else None,
         "global_batch": global_batch,
         "total_steps": total_steps,
         "seed": config.seed,
     }
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
-                                         save_total_limit=config.save_total_limit)
-    return Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
-               total_steps, global_batch, eval_batch, checkpointer, meta)
+    run = Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
+              total_steps, global_batch, eval_batch, checkpointer, meta)
+    run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed")
+                            if with_data else ("model",)) if restoring else 0
+    if isinstance(jax.tree.leaves(run.state.params)[0], jax.ShapeDtypeStruct):
+        # Every checkpoint was unreadable: start from the configured weights after all.
+        log.warning("No checkpoint restored; starting from the configured model weights.")
+        graphdef, params = load_params(config, tokenizer, mesh, weights=True)
+        run.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+    return run
 
 
-def resume(run: Run) -> int:
+def resume(run: Run, check: tuple[str, ...]) -> int:
     """Restores the latest complete checkpoint (or config.resume_from); returns the start step."""
     config = run.config
-    if not run.checkpointer.steps() and not config.resume_from:
-        return 0
-    target = ckpt_lib.abstract_with_shardings(run.state, run.state_shardings)
-    checkpointer = run.checkpointer
-    step = None
+    checkpointer, step = run.checkpointer, None
     if config.resume_from:
-        path = os.path.abspath(config.resume_from)
+        path = os.path.abspath(resolve_path(config.resume_from))
         checkpointer = ckpt_lib.Checkpointer(os.path.dirname(path), save_total_limit=0)
         step = int(os.path.basename(path))
-    restored = checkpointer.restore(target, step)
+    restored = checkpointer.restore(run.state, step)
     if restored is None:
-        log.warning("No checkpoint under %s restores; starting from step 0.", checkpointer.directory)
         return 0
     step, state, meta = restored
-    for key in ("model", "data_fingerprint", "global_batch", "seed"):
+    for key in check:
         if meta.get(key) != run.meta[key]:
             raise ValueError(
                 f"Checkpoint {checkpointer.directory}/{step} was written with a different {key}: "
-                f"{meta.get(key)!r} there, {run.meta[key]!r} now. Use a new output_dir, or restore "
-                "the settings of that run.")
+                f"{_short(meta.get(key))} there, {_short(run.meta[key])} now. Use a new output_dir, "
+                "or restore the settings of that run.")
     run.state = state
     print(f"Resumed from {checkpointer.directory}/{step}.", flush=True)
     return step
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) < 300 else text[:300] + "..."
 
 
 def to_global(batch: dict, shardings: dict) -> dict:
@@ -198,7 +231,7 @@ def check_finite(step: int, metrics: dict) -> None:
 def train(config) -> dict:
     """Trains per `config`; returns the final eval metrics. Output contract in the README."""
     run = build(config)
-    start = resume(run)
+    start = run.start_step
     writer = report.MetricsWriter(config.output_dir, run.total_steps)
     if start == 0:
         writer.write(0, evaluate(run), prefix="eval_")
@@ -256,14 +289,43 @@ def train(config) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
             json.dump(final, f, indent=2)
-    export(run)
+    export(run, eval_metrics=final)
     return final
 
 
-def export(run: Run, out_dir: str | None = None) -> str:
-    """Writes the current parameters as a Hugging Face folder (output_dir by default)."""
-    out_dir = out_dir or run.config.output_dir
+def export(run: Run, out_dir: str | None = None, eval_metrics: dict | None = None) -> str:
+    """Writes the current parameters as a Hugging Face folder with a model card; pushes if asked."""
+    config = run.config
+    out_dir = out_dir or config.output_dir
     model = nnx.merge(run.graphdef, run.state.params)
-    models.save_pretrained(model, out_dir, tokenizer=run.tokenizer, dtype=run.config.export_dtype,
-                           max_shard_size=run.config.max_shard_size)
+    models.save_pretrained(model, out_dir, tokenizer=run.tokenizer, dtype=config.export_dtype,
+                           max_shard_size=config.max_shard_size)
+    if jax.process_index() == 0:
+        hub.write_model_card(out_dir, config, eval_metrics or hub.read_eval_metrics(config.output_dir),
+                             run.global_batch)
+        if config.push_to_hub:
+            url = hub.push(out_dir, config.hub_model_id, private=config.hub_private_repo)
+            print(f"Pushed {out_dir} to {url}", flush=True)
     return out_dir
+
+
+def export_checkpoint(config) -> str:
+    """--mode=export: the latest checkpoint (or config.resume_from) as a Hugging Face folder."""
+    run = build(config, with_data=False)
+    if run.start_step == 0 and not config.resume_from:
+        raise ValueError(f"No checkpoint to export under {run.checkpointer.directory}; train first "
+                         "or set config.resume_from to a checkpoint step folder.")
+    run.checkpointer.close()
+    out_dir = export(run, config.export_dir or config.output_dir)
+    print(f"Exported step {run.start_step} to {out_dir} ({config.export_dtype}).", flush=True)
+    return out_dir
+
+
+def evaluate_checkpoint(config) -> dict:
+    """--mode=eval: metrics of the latest checkpoint (or the initial model) over the eval split."""
+    run = build(config)
+    metrics = evaluate(run)
+    run.checkpointer.close()
+    report.MetricsWriter(config.output_dir, run.total_steps).write(run.start_step, metrics,
+                                                                    prefix="eval_")
+    return metrics

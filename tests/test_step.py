@@ -103,3 +103,22 @@ def test_padding_pairs_do_not_change_the_update():
     b = run_step(mesh1, padded, steps=1)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a[1], b[1])
+
+
+@pytest.mark.parametrize("chunk", [5, 8, 64])
+def test_chunked_lm_head_equals_full_logits(chunk):
+    model = models.from_config(TINY, seed=1)
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(num_pairs=4).items()}
+
+    def objective(p, c):
+        sums, nll, _ = step_lib.pair_forward(graphdef, p, batch, LOSS, logits_chunk_size=c)
+        return sums["simpo_loss"] + 0.1 * nll, sums
+
+    (full, full_sums), g_full = jax.value_and_grad(objective, has_aux=True)(params, 0)
+    (chunked, ch_sums), g_chunked = jax.value_and_grad(objective, has_aux=True)(params, chunk)
+    np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
+    for k in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+        np.testing.assert_allclose(float(ch_sums[k]), float(full_sums[k]), rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 g_chunked, g_full)
