@@ -62,14 +62,18 @@ def read_eval_metrics(output_dir: str) -> dict | None:
         return json.load(f)
 
 
+def hub_api():
+    """The Hub client (HF_ENDPOINT and HF_TOKEN apply); tests swap in a local stand-in."""
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
 def push(out_dir: str, repo_id: str, *, private: bool = False, api=None) -> str:
     """Uploads `out_dir` to `repo_id`; errors say why and that the local export is kept."""
     if not repo_id:
         raise ValueError("push_to_hub=True needs config.hub_model_id (e.g. 'your-name/model-simpo').")
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
+    api = api or hub_api()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=out_dir,
