@@ -1,0 +1,107 @@
+"""Chat template -> prompt and completion token ids, with exactly one BOS, a final EOS, truncation."""
+
+import dataclasses
+import json
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeSettings:
+    max_length: int  # prompt + completion tokens
+    max_prompt_length: int
+    truncation_mode: str  # keep_end | keep_start (of over-long prompts)
+    assistant_header_in: str  # prompt | completion
+
+
+def tokenize_pair(record: dict, tokenizer, settings: TokenizeSettings) -> dict:
+    """A normalised record -> prompt_ids, chosen_ids, rejected_ids (completion only) and flags.
+
+    `drop_reason` is "" for a usable pair, else the report's reason.
+    """
+    if record["chat"]:
+        prompt, chosen, rejected, merged = _chat_ids(record, tokenizer, settings)
+    else:  # pre-formatted text: the prompt gets the BOS, completions only an EOS
+        prompt = _one_bos(_encode(tokenizer, record["prompt"]), tokenizer.bos_token_id)
+        chosen = _encode(tokenizer, record["chosen"])
+        rejected = _encode(tokenizer, record["rejected"])
+        merged = False
+    chosen, rejected = (_end_with_eos(c, tokenizer) for c in (chosen, rejected))
+
+    prompt_truncated = len(prompt) > settings.max_prompt_length
+    if prompt_truncated:
+        prompt = truncate_prompt(prompt, settings.max_prompt_length, settings.truncation_mode,
+                                 tokenizer.bos_token_id)
+    room = max(settings.max_length - len(prompt), 0)
+    completion_truncated = max(len(chosen), len(rejected)) > room
+    chosen, rejected = chosen[:room], rejected[:room]  # completions keep their start
+    return dict(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
+                drop_reason="" if chosen and rejected else "empty_after_truncation",
+                prompt_truncated=prompt_truncated, completion_truncated=completion_truncated,
+                boundary_merge=merged)
+
+
+def truncate_prompt(ids: list, max_prompt_length: int, mode: str, bos_id) -> list:
+    """keep_end: the last tokens, after the BOS when there is one; keep_start: the first tokens."""
+    if len(ids) <= max_prompt_length:
+        return ids
+    if mode == "keep_start":
+        return ids[:max_prompt_length]
+    if mode != "keep_end":
+        raise ValueError(f"truncation_mode={mode!r}; valid: keep_end, keep_start.")
+    if bos_id is not None and ids and ids[0] == bos_id and max_prompt_length > 1:
+        return ids[:1] + ids[len(ids) - (max_prompt_length - 1):]
+    return ids[len(ids) - max_prompt_length:]
+
+
+def _chat_ids(record: dict, tokenizer, settings: TokenizeSettings):
+    """Completion = the tokens of the whole conversation after the tokens of the prompt.
+
+    When tokens merge across the prompt/completion boundary the prompt is cut where the two
+    tokenisations diverge (as TRL does), the same cut for chosen and rejected.
+    """
+    messages = json.loads(record["prompt"])
+    bos = tokenizer.bos_token_id
+    render = lambda msgs, gen: _one_bos(_encode(tokenizer, tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=gen)), bos)
+    prompt = render(messages, True)
+    full_chosen = render(messages + [{"role": "assistant", "content": record["chosen"]}], False)
+    full_rejected = render(messages + [{"role": "assistant", "content": record["rejected"]}], False)
+    cut = min(_common_prefix(prompt, full_chosen), _common_prefix(prompt, full_rejected))
+    merged = cut < len(prompt)
+    if settings.assistant_header_in == "completion":
+        # Original SimPO scripts: the assistant header (generation prompt) is scored text.
+        cut = min(cut, _common_prefix(render(messages, False), prompt))
+    return prompt[:cut], full_chosen[cut:], full_rejected[cut:], merged
+
+
+def _encode(tokenizer, text: str) -> list:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _one_bos(ids: list, bos_id) -> list:
+    """Exactly one leading BOS, whether the template, the tokenizer, both or neither added it."""
+    if bos_id is None:
+        return ids
+    start = 0
+    while start < len(ids) and ids[start] == bos_id:
+        start += 1
+    return [bos_id] + ids[start:]
+
+
+def _end_with_eos(ids: list, tokenizer) -> list:
+    """The completion ends with EOS: whitespace the template puts after its EOS is cut, a missing EOS added."""
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        tail = ids[last + 1:]
+        if not tail or not tokenizer.decode(tail).strip():
+            return ids[:last + 1]
+    return ids + [eos]
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

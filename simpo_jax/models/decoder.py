@@ -1,0 +1,204 @@
+"""One decoder-only transformer for every supported family; differences live in ArchConfig.
+
+Axis legend as in layers.py. Decoder layers are stored stacked (leading axis L) and applied with
+jax.lax.scan, so compile time does not grow with depth; the per-layer sliding window is a
+scanned input, so alternating local/global layers (gemma2) share one scanned block.
+Parameter paths mirror Hugging Face keys: `model.layers.self_attn.q_proj.weight` [L, H*E, D] is
+HF `model.layers.{i}.self_attn.q_proj.weight` stacked over i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from simpo_jax.models import layers as L
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """Everything the forward pass needs to know about a checkpoint's architecture."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    inv_freq: tuple[float, ...]  # RoPE inverse frequencies [E/2], scaling already applied
+    sliding_windows: tuple[int, ...]  # per layer; layers.NO_WINDOW for global attention
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    gemma_norm: bool = False  # (1 + w) RMSNorm in float32
+    sandwich_norm: bool = False  # gemma2: extra post-attention / pre+post-feedforward norms
+    scale_embeddings: bool = False  # gemma2: embeddings times sqrt(hidden_size)
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    initializer_range: float = 0.02
+
+
+class Attention(nnx.Module):
+    def __init__(self, arch: ArchConfig, kw: dict):
+        d, h, k, e = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_proj = L.Linear(d, h * e, bias=arch.qkv_bias, **kw)
+        self.k_proj = L.Linear(d, k * e, bias=arch.qkv_bias, **kw)
+        self.v_proj = L.Linear(d, k * e, bias=arch.qkv_bias, **kw)
+        self.o_proj = L.Linear(h * e, d, bias=arch.o_bias, **kw)
+        self.arch = arch
+
+    def __call__(self, x_BTD, cos, sin, mask_BTS):
+        a = self.arch
+        b, t, _ = x_BTD.shape
+        q = L.apply_rope(self.q_proj(x_BTD).reshape(b, t, a.num_heads, a.head_dim), cos, sin)
+        k = L.apply_rope(self.k_proj(x_BTD).reshape(b, t, a.num_kv_heads, a.head_dim), cos, sin)
+        v = self.v_proj(x_BTD).reshape(b, t, a.num_kv_heads, a.head_dim)
+        scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
+        if L.use_cudnn(a.attn_softcap, q.dtype):
+            out = L.cudnn_attention(q, k, v, mask_BTS, scale=scale)
+        else:
+            out = L.attention(q, k, v, mask_BTS, scale=scale, softcap=a.attn_softcap)
+        return self.o_proj(out.reshape(b, t, a.num_heads * a.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, arch: ArchConfig, kw: dict):
+        d, f = arch.hidden_size, arch.intermediate_size
+        self.gate_proj = L.Linear(d, f, bias=arch.mlp_bias, **kw)
+        self.up_proj = L.Linear(d, f, bias=arch.mlp_bias, **kw)
+        self.down_proj = L.Linear(f, d, bias=arch.mlp_bias, **kw)
+        self.act = arch.hidden_act
+
+    def __call__(self, x_BTD):
+        return self.down_proj(L.ACTIVATIONS[self.act](self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class Block(nnx.Module):
+    """One decoder layer; constructed with stacked [L, ...] parameters, applied one slice at a time."""
+
+    def __init__(self, arch: ArchConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(layers=arch.num_layers, std=arch.initializer_range, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
+        norm = dict(eps=arch.rms_norm_eps, gemma=arch.gemma_norm, layers=arch.num_layers,
+                    dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = Attention(arch, kw)
+        self.mlp = MLP(arch, kw)
+        self.input_layernorm = L.RMSNorm(arch.hidden_size, **norm)
+        self.post_attention_layernorm = L.RMSNorm(arch.hidden_size, **norm)
+        if arch.sandwich_norm:
+            self.pre_feedforward_layernorm = L.RMSNorm(arch.hidden_size, **norm)
+            self.post_feedforward_layernorm = L.RMSNorm(arch.hidden_size, **norm)
+        self.sandwich = arch.sandwich_norm
+
+    def __call__(self, x_BTD, cos, sin, mask_BTS):
+        h = self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS)
+        if self.sandwich:
+            x_BTD = x_BTD + self.post_attention_layernorm(h)
+            h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
+            return x_BTD + h
+        x_BTD = x_BTD + h
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class Decoder(nnx.Module):
+    """HF `model`: embed_tokens, stacked layers, final norm."""
+
+    def __init__(self, arch: ArchConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.embed_tokens = L.Embed(arch.vocab_size, arch.hidden_size, std=arch.initializer_range,
+                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = Block(arch, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = L.RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, gemma=arch.gemma_norm,
+                              layers=None, dtype=dtype, param_dtype=param_dtype)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {"full": None,
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                "dots_saveable": jax.checkpoint_policies.dots_saveable}
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+class CausalLM(nnx.Module):
+    """Decoder plus LM head (or the tied embedding). Call: logits [B, T, V] in float32."""
+
+    def __init__(self, arch: ArchConfig, hf_config_dict: dict, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, seed: int = 0, remat_policy: str = "none"):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}.")
+        rngs = nnx.Rngs(seed)
+        self.model = Decoder(arch, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = None if arch.tie_word_embeddings else L.Linear(
+            arch.hidden_size, arch.vocab_size, bias=False, layers=None,
+            std=arch.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.arch = arch
+        self.dtype = jnp.dtype(dtype)
+        self.remat_policy = remat_policy
+        self._hf_config_json = json.dumps(hf_config_dict, sort_keys=True)
+
+    @property
+    def hf_config_dict(self) -> dict:
+        """The config.json contents of this architecture."""
+        return json.loads(self._hf_config_json)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+        """Final-norm hidden states [B, T, D]; positions default to cumsum(mask) - 1 (any padding side)."""
+        a = self.arch
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        attention_mask = jnp.asarray(attention_mask)
+        if segment_ids is not None and positions is None:
+            raise ValueError("segment_ids given without positions: packed rows need explicit "
+                             "positions restarting at 0 in every segment.")
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+        mask_BTS = L.base_mask(attention_mask, segment_ids)
+        cos, sin = L.rope_cos_sin(jnp.asarray(positions), np.asarray(a.inv_freq, np.float32),
+                                  self.dtype)
+
+        x = self.model.embed_tokens(input_ids)
+        if a.scale_embeddings:
+            x = x * jnp.asarray(a.hidden_size ** 0.5, self.dtype)
+
+        graphdef, stacked = nnx.split(self.model.layers)
+
+        def body(x_BTD, xs):
+            layer_state, window = xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x_BTD, cos, sin, mask_BTS & L.window_mask(t, window)[None]), None
+
+        windows = jnp.asarray(a.sliding_windows, jnp.int32)
+        x, _ = jax.lax.scan(_remat(body, self.remat_policy), x, (stacked, windows))
+        return self.model.norm(x)
+
+    def logits_from_hidden(self, h):
+        """LM head (or tied embedding) in float32, then gemma2's final softcap."""
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h, preferred_element_type=jnp.float32)
+        cap = self.arch.final_softcap
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+        h = self.hidden_states(input_ids, attention_mask, positions=positions,
+                               segment_ids=segment_ids)
+        return self.logits_from_hidden(h)

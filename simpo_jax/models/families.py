@@ -1,0 +1,95 @@
+"""Hugging Face config.json -> ArchConfig, one small function per supported model_type."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import transformers
+
+from simpo_jax.models import layers as L
+from simpo_jax.models.decoder import ArchConfig
+
+ARCHITECTURES = {  # model_type -> transformers class written to config.json "architectures"
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+
+
+def normalize(hf_config: Any) -> transformers.PretrainedConfig:
+    """A transformers config object from a config or a config.json dict (old rope keys upgraded)."""
+    if isinstance(hf_config, transformers.PretrainedConfig):
+        model_type = hf_config.model_type
+        hf_config = hf_config.to_dict()
+    else:
+        hf_config = dict(hf_config)
+        model_type = hf_config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type={model_type!r} is not supported; supported model types: "
+                         f"{', '.join(sorted(ARCHITECTURES))}.")
+    return transformers.CONFIG_MAPPING[model_type].from_dict(hf_config)
+
+
+def config_dict(config: transformers.PretrainedConfig) -> dict:
+    """The JSON-ready config.json contents (non-default fields, as transformers writes them)."""
+    return json.loads(config.to_json_string(use_diff=True))
+
+
+def _rope(config) -> dict:
+    rope = getattr(config, "rope_parameters", None)
+    if rope is None:
+        rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if all(isinstance(v, dict) for v in rope.values()):  # per layer type: must all agree
+        values = list(rope.values())
+        if any(v != values[0] for v in values):
+            raise ValueError(f"rope_parameters differ per layer type ({rope}); not supported.")
+        rope = values[0]
+    return rope
+
+
+def _windows(config, layer_types) -> tuple[int, ...]:
+    window = getattr(config, "sliding_window", None)
+    n = config.num_hidden_layers
+    if window is None:
+        return (L.NO_WINDOW,) * n
+    if layer_types is None:
+        return (int(window),) * n
+    return tuple(int(window) if kind == "sliding_attention" else L.NO_WINDOW
+                 for kind in layer_types[:n])
+
+
+def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
+    """The ArchConfig of a normalised transformers config."""
+    c = config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    common = dict(
+        model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=head_dim, rms_norm_eps=float(c.rms_norm_eps),
+        inv_freq=tuple(float(x) for x in L.rope_inv_freq(head_dim, _rope(c))),
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        initializer_range=float(c.initializer_range))
+    if c.model_type == "llama":
+        bias = bool(getattr(c, "attention_bias", False))
+        return ArchConfig(**common, hidden_act=c.hidden_act, qkv_bias=bias, o_bias=bias,
+                          mlp_bias=bool(getattr(c, "mlp_bias", False)),
+                          sliding_windows=(L.NO_WINDOW,) * c.num_hidden_layers)
+    if c.model_type == "mistral":
+        return ArchConfig(**common, hidden_act=c.hidden_act, sliding_windows=_windows(c, None))
+    if c.model_type == "qwen2":
+        return ArchConfig(**common, hidden_act=c.hidden_act, qkv_bias=True,
+                          sliding_windows=_windows(c, getattr(c, "layer_types", None)))
+    if c.model_type == "gemma2":
+        bias = bool(getattr(c, "attention_bias", False))
+        act = getattr(c, "hidden_activation", None) or c.hidden_act
+        return ArchConfig(**common, hidden_act=act, qkv_bias=bias, o_bias=bias,
+                          sliding_windows=_windows(c, c.layer_types), gemma_norm=True,
+                          sandwich_norm=True, scale_embeddings=True,
+                          attn_scale=float(c.query_pre_attn_scalar) ** -0.5,
+                          attn_softcap=c.attn_logit_softcapping,
+                          final_softcap=c.final_logit_softcapping)
+    raise AssertionError(c.model_type)

@@ -1,0 +1,168 @@
+"""Building blocks in Hugging Face orientation: Linear, Embed, RMSNorm, RoPE, masked attention.
+
+Axis legend: B batch, T query positions, S key positions, D hidden, H query heads, K key/value
+heads, G query heads per key/value head (H = K*G), E head dim, F MLP width, V vocab, L layers.
+Weights keep Hugging Face layouts: Linear [F_out, F_in] (or [L, F_out, F_in] when stacked),
+embeddings [V, D], so checkpoint import and export never transpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Added to masked attention logits: finite, so fully masked (padding) rows give a uniform
+# softmax instead of NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+NO_WINDOW = 2**30  # sliding window of a global-attention layer
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, param_dtype):
+    return nnx.initializers.normal(std)(rngs.params(), shape, param_dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W^T + b with W [out, in]; `layers` adds a leading stacked-layer axis."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, layers: int | None,
+                 std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        lead = () if layers is None else (layers,)
+        self.weight = nnx.Param(_normal(rngs, lead + (out_features, in_features), std, param_dtype))
+        self.bias = nnx.Param(jnp.zeros(lead + (out_features,), param_dtype)) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x, preferred_element_type=None):
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype),
+                       preferred_element_type=preferred_element_type)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]; `attend` is the tied LM head."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, std: float, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (vocab_size, hidden_size), std, param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids_BT):
+        return jnp.take(self.weight[...], ids_BT, axis=0).astype(self.dtype)
+
+    def attend(self, h_BTD):
+        return jnp.einsum("...d,vd->...v", h_BTD.astype(self.dtype),
+                          self.weight[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with Hugging Face numerics: llama (w * norm(x).to(dtype)) or gemma ((1 + w) in fp32)."""
+
+    def __init__(self, size: int, *, eps: float, gemma: bool, layers: int | None, dtype,
+                 param_dtype):
+        lead = () if layers is None else (layers,)
+        init = jnp.zeros if gemma else jnp.ones
+        self.weight = nnx.Param(init(lead + (size,), param_dtype))
+        self.eps, self.gemma, self.dtype = eps, gemma, dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...]
+        if self.gemma:
+            return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w.astype(self.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: dict) -> np.ndarray:
+    """Inverse frequencies [E/2] in float32 for rope_type default / linear / llama3, as transformers."""
+    base = np.float32(rope["rope_theta"])
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (base ** exponent)).astype(np.float32)
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return (inv_freq / np.float32(rope["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = np.float32(rope["factor"])
+        low, high = np.float32(rope["low_freq_factor"]), np.float32(rope["high_freq_factor"])
+        old_len = np.float32(rope["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_type={kind!r} is not supported; supported: default, linear, llama3.")
+
+
+def rope_cos_sin(positions_BT, inv_freq, dtype):
+    """cos, sin [B, T, E] (halves repeated, as transformers' rotate_half convention)."""
+    freqs = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_BTNE, cos_BTE, sin_BTE):
+    half = x_BTNE.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNE[..., half:], x_BTNE[..., :half]], axis=-1)
+    return x_BTNE * cos_BTE[:, :, None, :] + rotated * sin_BTE[:, :, None, :]
+
+
+def base_mask(attention_mask_BT, segment_ids_BT=None):
+    """[B, T, S] bool: causal by index, key valid, and (with segments) same segment."""
+    t = attention_mask_BT.shape[1]
+    idx = jnp.arange(t)
+    mask = (idx[None, :] <= idx[:, None])[None] & (attention_mask_BT[:, None, :] != 0)
+    if segment_ids_BT is not None:
+        mask &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return mask
+
+
+def window_mask(t: int, window):
+    """[T, S] bool: query i sees key j when i - j < window (transformers' sliding semantics)."""
+    idx = jnp.arange(t)
+    return (idx[:, None] - idx[None, :]) < window
+
+
+def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float | None):
+    """Masked grouped-query attention; float32 logits and softmax, output in the query dtype."""
+    b, t, h, e = q_BTHE.shape
+    kv = k_BSKE.shape[2]
+    q = q_BTHE.reshape(b, t, kv, h // kv, e)
+    logits = jnp.einsum("btkge,bske->bkgts", q, k_BSKE,
+                        preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    logits = jnp.where(mask_BTS[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKE.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v_BSKE)
+    return out.reshape(b, t, h, e)
+
+
+def use_cudnn(softcap: float | None, dtype) -> bool:
+    """cuDNN fused attention only on GPU, in 16-bit, without logit softcapping (it has none)."""
+    return (softcap is None and jax.default_backend() == "gpu"
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float):
+    # Every query also sees itself, so padding rows are never fully masked (no NaN from cuDNN);
+    # valid rows already see themselves.
+    t = mask_BTS.shape[1]
+    mask = mask_BTS | jnp.eye(t, dtype=bool)[None]
+    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, mask=mask[:, None],
+                                        scale=scale, implementation="cudnn")
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
