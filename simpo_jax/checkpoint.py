@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -46,25 +46,39 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    def restore(self, abstract_state: Any, step: int | None = None,
+                check: Callable[[int, dict], None] | None = None) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of `step`, or of the latest step that restores; None if none does.
 
         `abstract_state` holds jax.ShapeDtypeStruct leaves with the target shardings, so a checkpoint
-        written on one mesh restores onto another.
+        written on one mesh restores onto another. `check(step, meta)` runs before the state is read
+        and raises when the checkpoint belongs to a different run; that error is never swallowed.
         """
         candidates = [step] if step is not None else list(reversed(self.steps()))
         for s in candidates:
             try:
-                restored = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-            except Exception as e:  # damaged or incompatible: report, fall back to an older one
+                meta = self.read_meta(s)
+            except Exception as e:
                 if step is not None:
                     raise
-                log.warning("Skipping checkpoint %s/%d: it does not restore (%s: %s).",
-                            self.directory, s, type(e).__name__, str(e).splitlines()[0][:300])
+                self._skip(s, e)
                 continue
-            return s, restored["state"], restored["meta"]
+            if check is not None:
+                check(s, meta)
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+            except Exception as e:  # damaged: report, fall back to an older one
+                if step is not None:
+                    raise
+                self._skip(s, e)
+                continue
+            return s, restored["state"], meta
         return None
+
+    def _skip(self, step: int, error: Exception) -> None:
+        log.warning("Skipping checkpoint %s/%d: it does not restore (%s: %s).", self.directory, step,
+                    type(error).__name__, (str(error).splitlines() or [""])[0][:300])
 
     def close(self) -> None:
         self.manager.wait_until_finished()

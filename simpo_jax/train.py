@@ -175,16 +175,19 @@ def resume(run: Run, check: tuple[str, ...]) -> int:
         path = os.path.abspath(resolve_path(config.resume_from))
         checkpointer = ckpt_lib.Checkpointer(os.path.dirname(path), save_total_limit=0)
         step = int(os.path.basename(path))
-    restored = checkpointer.restore(run.state, step)
+
+    def same_run(step, meta):
+        for key in check:
+            if meta.get(key) != run.meta[key]:
+                raise ValueError(
+                    f"Checkpoint {checkpointer.directory}/{step} was written with a different "
+                    f"{key}: {_short(meta.get(key))} there, {_short(run.meta[key])} now. Use a new "
+                    "output_dir, or restore the settings of that run.")
+
+    restored = checkpointer.restore(run.state, step, check=same_run)
     if restored is None:
         return 0
-    step, state, meta = restored
-    for key in check:
-        if meta.get(key) != run.meta[key]:
-            raise ValueError(
-                f"Checkpoint {checkpointer.directory}/{step} was written with a different {key}: "
-                f"{_short(meta.get(key))} there, {_short(run.meta[key])} now. Use a new output_dir, "
-                "or restore the settings of that run.")
+    step, state, _ = restored
     run.state = state
     print(f"Resumed from {checkpointer.directory}/{step}.", flush=True)
     return step

@@ -31,7 +31,8 @@ class HubStandIn:
                 if self.path.startswith("/api/repos/create"):
                     body = json.loads(data)
                     repo = f"{body['organization']}/{body['name']}"
-                    stand_in.repos.append((repo, body.get("private")))
+                    private = body.get("private", body.get("visibility") == "private")
+                    stand_in.repos.append((repo, private))
                     return self._send(200, {"url": f"{base}/{repo}", "name": repo})
                 if self.path.startswith("/api/validate-yaml"):
                     return self._send(200, {"errors": [], "warnings": []})

@@ -101,7 +101,7 @@ def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_p
     c = tiny_config(out)
     c.unlock()
     c.model_init.hidden_size = 32
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ValueError, match="different model: .*hidden_size.*64.*hidden_size.*32"):
         train.build(c)
 
 
@@ -158,7 +158,11 @@ def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monk
     from simpo_jax import hub
     from hub_stand_in import HubStandIn
 
+    import huggingface_hub.constants
+
     stand_in = HubStandIn()
+    # The suite runs with HF_HUB_OFFLINE=1; only this stand-in on 127.0.0.1 is reachable.
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
     monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
     try:
         out = train.export_checkpoint(tiny_config(
@@ -176,7 +180,10 @@ def test_push_failure_is_clear_and_keeps_the_export(uninterrupted, tmp_path, mon
     from huggingface_hub import HfApi
     from simpo_jax import hub
 
-    # Nothing listens on this port: the upload fails as it would offline.
+    import huggingface_hub.constants
+
+    # Nothing listens on this port: the upload fails as it would without a network.
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
     monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint="http://127.0.0.1:9", token="x"))
     with pytest.raises(RuntimeError, match="local export .* is kept"):
         train.export_checkpoint(tiny_config(uninterrupted, export_dir=str(tmp_path / "kept"),

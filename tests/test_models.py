@@ -152,18 +152,21 @@ def _loss_fn(graphdef):
     return loss
 
 
-def test_remat_policies_give_same_gradients():
-    config = dict(model_type="qwen2", **SMALL)
+@pytest.mark.parametrize("policy", [
+    "full",
+    pytest.param("dots", marks=pytest.mark.slow),
+    pytest.param("dots_saveable", marks=pytest.mark.slow),
+])
+def test_remat_policy_gives_same_gradients(policy):
+    config = dict(model_type="qwen2", **{**SMALL, "hidden_size": 32, "intermediate_size": 64})
     ids, mask = padded_batch()
     grads = {}
-    for policy in models.REMAT_POLICIES:
-        graphdef, params = nnx.split(models.from_config(config, remat_policy=policy), nnx.Param)
-        grads[policy] = jax.jit(jax.grad(_loss_fn(graphdef)))(params, ids, mask)
-    reference = jax.tree_util.tree_leaves(grads["none"])
-    assert all(np.abs(np.asarray(g)).max() > 0 for g in reference)
-    for policy in models.REMAT_POLICIES[1:]:
-        for a, b in zip(reference, jax.tree_util.tree_leaves(grads[policy])):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=policy)
+    for p in ("none", policy):
+        graphdef, params = nnx.split(models.from_config(config, remat_policy=p), nnx.Param)
+        grads[p] = jax.tree_util.tree_leaves(jax.jit(jax.grad(_loss_fn(graphdef)))(params, ids, mask))
+    assert all(np.abs(np.asarray(g)).max() > 0 for g in grads["none"])
+    for a, b in zip(grads["none"], grads[policy]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     with pytest.raises(ValueError, match="remat_policy='some'"):
         models.from_config(config, remat_policy="some")
 

@@ -84,6 +84,9 @@ def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
         return ArchConfig(**common, hidden_act=c.hidden_act, qkv_bias=True,
                           sliding_windows=_windows(c, getattr(c, "layer_types", None)))
     if c.model_type == "gemma2":
+        if getattr(c, "use_bidirectional_attention", None):
+            raise ValueError("gemma2 use_bidirectional_attention=True is not supported; the "
+                             "decoder is causal.")
         bias = bool(getattr(c, "attention_bias", False))
         act = getattr(c, "hidden_activation", None) or c.hidden_act
         return ArchConfig(**common, hidden_act=act, qkv_bias=bias, o_bias=bias,
