@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.assistant_header_in = "prompt"  # prompt (TRL) | completion (original SimPO scripts)
     c.max_length = 1024  # tokens, prompt + completion
     c.max_prompt_length = 512  # tokens
+    c.length_buckets = ()  # padded batch lengths (static shapes); () = powers of 2 from 64, max_length
     c.truncation_mode = "keep_end"  # keep_end | keep_start (for over-long prompts)
     c.max_dropped_fraction = 0.05  # stop if more rows than this are dropped as bad
     c.preprocessing_num_workers = 1  # processes for tokenisation
@@ -70,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 42  # data order
     c.logging_steps = 10  # optimizer steps between metric rows
     c.eval_steps = 100  # optimizer steps between evaluations (also one before step 1 and at the end)
+    c.num_samples = 4  # greedy sample generations from eval prompts at every evaluation
+    c.sample_max_new_tokens = 128  # tokens per sample
     c.save_steps = 500  # optimizer steps between checkpoints
     c.save_total_limit = 2  # checkpoints kept
     c.resume_from = ""  # a checkpoint step folder; "" = latest complete one in output_dir, if any

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset_mixer = ml_collections.ConfigDict({"assets/tiny_prefs": 1.0}, allow_dotted_keys=True)
     c.max_length = 64
     c.max_prompt_length = 48
+    c.length_buckets = (32, 64)  # the tiny pairs are 17-25 tokens
 
     # --- SimPO and optimizer ---------------------------------------------------------------------
     c.beta = 2.0
@@ -51,5 +52,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.logging_steps = 10
     c.eval_steps = 100
     c.save_steps = 100
+    c.sample_max_new_tokens = 8
     c.export_dtype = "float32"
     return c

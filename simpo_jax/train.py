@@ -20,6 +20,7 @@ from simpo_jax import data as data_lib
 from simpo_jax import hub
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
+from simpo_jax.models import generate
 from simpo_jax import optim
 from simpo_jax import report
 from simpo_jax import sharding as sharding_lib
@@ -209,17 +210,54 @@ def to_global(batch: dict, shardings: dict) -> dict:
 
 
 def evaluate(run: Run) -> dict:
-    """Metrics over the whole eval split (padding pairs excluded)."""
+    """Metrics over the whole eval split (padding pairs excluded); {} when there is none."""
+    if not run.data.eval.num_pairs:
+        return {}
     shardings = step_lib.batch_shardings(run.mesh)
     total = None
     for batch in data_lib.eval_batches(
             run.data.eval, batch_size=run.eval_batch // jax.process_count(),
             pad_id=run.data.pad_id, max_length=run.config.max_length,
+            length_buckets=tuple(run.config.length_buckets),
             process_index=jax.process_index(), process_count=jax.process_count()):
         sums = run.eval_step(run.state.params, to_global(batch, shardings))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     metrics = loss_lib.finalize_metrics(total, loss_lib.LossConfig.from_config(run.config))
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def eval_round(run: Run, writer: report.MetricsWriter, step: int) -> dict:
+    """Eval metrics over the whole split and sample generations, written to output_dir."""
+    metrics = evaluate(run)
+    if metrics:
+        writer.write(step, metrics, prefix="eval_")
+        write_samples(run, step)
+    return metrics
+
+
+def write_samples(run: Run, step: int) -> list[dict]:
+    """Greedy completions of the first eval prompts, appended to <output_dir>/samples.jsonl."""
+    config = run.config
+    prompts = [list(map(int, p)) for p in run.data.eval.prompt_ids[:config.num_samples]]
+    if not prompts:
+        return []
+    model = nnx.merge(run.graphdef, run.state.params)
+    pad = run.data.pad_id
+    tokens = generate.greedy_generate(model, prompts, max_new_tokens=config.sample_max_new_tokens,
+                                      eos_token_id=run.tokenizer.eos_token_id, pad_token_id=pad)
+    if jax.process_index() != 0:
+        return []
+    rows = []
+    for prompt, new in zip(prompts, np.asarray(tokens)):
+        new = list(map(int, new))
+        if run.tokenizer.eos_token_id in new:
+            new = new[:new.index(run.tokenizer.eos_token_id) + 1]
+        rows.append({"step": step, "prompt": run.tokenizer.decode(prompt),
+                     "completion": run.tokenizer.decode(new, skip_special_tokens=True)})
+    with open(os.path.join(config.output_dir, "samples.jsonl"), "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return rows
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -236,13 +274,17 @@ def train(config) -> dict:
     run = build(config)
     start = run.start_step
     writer = report.MetricsWriter(config.output_dir, run.total_steps)
-    if start == 0:
-        writer.write(0, evaluate(run), prefix="eval_")
+    if not run.data.eval.num_pairs:
+        log.warning("No eval split (config.dataset_splits=%s has none with 'test' in its name, or "
+                    "it is empty): training without evaluation.", list(config.dataset_splits))
+    elif start == 0:
+        eval_round(run, writer, 0)
     shardings = step_lib.batch_shardings(run.mesh)
     batches = data_lib.train_batches(
         run.data.train, batch_size=run.global_batch // jax.process_count(), seed=config.seed,
         start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
-        pad_id=run.data.pad_id, max_length=config.max_length)
+        pad_id=run.data.pad_id, max_length=config.max_length,
+        length_buckets=tuple(config.length_buckets))
 
     pending = None  # (step, metrics on device): read one step late, after t+1 is dispatched
     last_time = time.time()
@@ -282,10 +324,9 @@ def train(config) -> dict:
             if step % config.save_steps == 0 and step != run.total_steps:
                 run.checkpointer.save(step, run.state, run.meta)
             if step % config.eval_steps == 0 and step != run.total_steps:
-                writer.write(step, evaluate(run), prefix="eval_")
+                eval_round(run, writer, step)
         flush()
-    final = evaluate(run)
-    writer.write(run.total_steps, final, prefix="eval_")
+    final = eval_round(run, writer, run.total_steps)
     if start < run.total_steps:
         run.checkpointer.save(run.total_steps, run.state, run.meta)
     run.checkpointer.close()

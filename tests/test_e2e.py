@@ -52,7 +52,10 @@ def test_short_tiny_run_output_contract(tmp_path):
     assert final["rewards/accuracies"] == eval_rows[-1]["eval_rewards/accuracies"]
     assert sorted(os.listdir(out / "checkpoints")) == ["20", "40"]
     report = json.loads((out / "data_report.json").read_text())
-    assert report
+    assert report["splits"]["train"]["rows_kept"] == 3000
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [0] * 4 + [20] * 4 + [40] * 4
+    assert all(s["prompt"] and isinstance(s["completion"], str) for s in samples)
 
     # output_dir is a Hugging Face model folder that transformers loads and generates with.
     torch = pytest.importorskip("torch")

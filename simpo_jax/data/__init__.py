@@ -39,6 +39,7 @@ class DataConfig:
     seed: int = 42
     tokenizer_name_or_path: str = ""
     dataset_cache_dir: str = ""  # "" = datasets' default cache
+    length_buckets: tuple = ()  # padded batch lengths; () = powers of 2 from 64, max_length
 
     @classmethod
     def from_config(cls, config) -> "DataConfig":
@@ -55,7 +56,8 @@ class DataConfig:
                    preprocessing_num_workers=config.preprocessing_num_workers,
                    seed=config.seed,
                    tokenizer_name_or_path=config.tokenizer_name_or_path,
-                   dataset_cache_dir=config.dataset_cache_dir)
+                   dataset_cache_dir=config.dataset_cache_dir,
+                   length_buckets=tuple(config.length_buckets))
 
     def validate(self) -> None:
         checks = [
@@ -270,13 +272,14 @@ def _padding_report(result: dict, pad_id: int, data_config: DataConfig) -> dict:
     train, evaluation = result["train"], result["eval"]
     size = min(REPORT_BATCH_SIZE, train.num_pairs)
     batches = train_batches(train, batch_size=size, seed=data_config.seed, pad_id=pad_id,
-                            max_length=data_config.max_length)
+                            max_length=data_config.max_length,
+                            length_buckets=data_config.length_buckets)
     out["train"] = round(float(np.mean([padding_efficiency(next(batches)) for _ in
                                         range(steps_per_epoch(train, size))])), 4)
     if evaluation.num_pairs:
         out["eval"] = round(float(np.mean([padding_efficiency(b) for b in eval_batches(
             evaluation, batch_size=REPORT_BATCH_SIZE, pad_id=pad_id,
-            max_length=data_config.max_length)])), 4)
+            max_length=data_config.max_length, length_buckets=data_config.length_buckets)])), 4)
     return out
 
 

@@ -60,18 +60,25 @@ class Attention(nnx.Module):
         self.o_proj = L.Linear(h * e, d, bias=arch.o_bias, **kw)
         self.arch = arch
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None):
+        """With cache=(k_BSKE, v_BSKE, index): this chunk's keys/values are written at slots
+        [index, index + T), attention runs over all S slots, and (out, new cache) is returned."""
         a = self.arch
         b, t, _ = x_BTD.shape
         q = L.apply_rope(self.q_proj(x_BTD).reshape(b, t, a.num_heads, a.head_dim), cos, sin)
         k = L.apply_rope(self.k_proj(x_BTD).reshape(b, t, a.num_kv_heads, a.head_dim), cos, sin)
         v = self.v_proj(x_BTD).reshape(b, t, a.num_kv_heads, a.head_dim)
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
-        if L.use_cudnn(a.attn_softcap, q.dtype):
+        if cache is None and L.use_cudnn(a.attn_softcap, q.dtype):
             out = L.cudnn_attention(q, k, v, mask_BTS, scale=scale)
         else:
             out = L.attention(q, k, v, mask_BTS, scale=scale, softcap=a.attn_softcap)
-        return self.o_proj(out.reshape(b, t, a.num_heads * a.head_dim))
+        out = self.o_proj(out.reshape(b, t, a.num_heads * a.head_dim))
+        return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -103,14 +110,18 @@ class Block(nnx.Module):
             self.post_feedforward_layernorm = L.RMSNorm(arch.hidden_size, **norm)
         self.sandwich = arch.sandwich_norm
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS):
-        h = self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS)
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None):
+        h = self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS, cache)
+        if cache is not None:
+            h, cache = h
         if self.sandwich:
             x_BTD = x_BTD + self.post_attention_layernorm(h)
             h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
-            return x_BTD + h
-        x_BTD = x_BTD + h
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+            out = x_BTD + h
+        else:
+            x_BTD = x_BTD + h
+            out = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        return out if cache is None else (out, cache)
 
 
 class Decoder(nnx.Module):
@@ -155,21 +166,27 @@ class CausalLM(nnx.Module):
         """The config.json contents of this architecture."""
         return json.loads(self._hf_config_json)
 
-    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
-        """Final-norm hidden states [B, T, D]; positions default to cumsum(mask) - 1 (any padding side)."""
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
+                      branch_ids=None):
+        """Final-norm hidden states [B, T, D]; positions default to cumsum(mask) - 1 (any padding side).
+
+        segment_ids (packed rows) keep attention inside a segment; branch_ids (shared-prompt rows)
+        let each completion see the prompt but not the other completion (see layers.base_mask).
+        """
         a = self.arch
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         attention_mask = jnp.asarray(attention_mask)
-        if segment_ids is not None and positions is None:
-            raise ValueError("segment_ids given without positions: packed rows need explicit "
-                             "positions restarting at 0 in every segment.")
+        if (segment_ids is not None or branch_ids is not None) and positions is None:
+            raise ValueError("segment_ids/branch_ids given without positions: packed rows need "
+                             "explicit positions restarting at 0 in every segment.")
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-        mask_BTS = L.base_mask(attention_mask, segment_ids)
-        cos, sin = L.rope_cos_sin(jnp.asarray(positions), np.asarray(a.inv_freq, np.float32),
+        positions = jnp.asarray(positions)
+        mask_BTS = L.base_mask(attention_mask, segment_ids, branch_ids)
+        cos, sin = L.rope_cos_sin(positions, np.asarray(a.inv_freq, np.float32),
                                   self.dtype)
 
         x = self.model.embed_tokens(input_ids)
@@ -181,11 +198,46 @@ class CausalLM(nnx.Module):
         def body(x_BTD, xs):
             layer_state, window = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x_BTD, cos, sin, mask_BTS & L.window_mask(t, window)[None]), None
+            return layer(x_BTD, cos, sin, mask_BTS & L.window_mask(positions, window)), None
 
         windows = jnp.asarray(a.sliding_windows, jnp.int32)
         x, _ = jax.lax.scan(_remat(body, self.remat_policy), x, (stacked, windows))
         return self.model.norm(x)
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty KV cache: k, v [L, B, S, K, E] in the compute dtype."""
+        a = self.arch
+        shape = (a.num_layers, batch, length, a.num_kv_heads, a.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def forward_cached(self, input_ids_BT, positions_BT, cache, index, key_valid_BS,
+                       key_positions_BS):
+        """Logits [B, T, V] of a chunk written to cache slots [index, index + T); new cache.
+
+        A query sees the filled slots up to its own (key_valid_BS marks them; prompt padding is
+        False) within the layer's sliding window, measured in positions.
+        """
+        a = self.arch
+        t, s = input_ids_BT.shape[1], key_valid_BS.shape[1]
+        q_slots = index + jnp.arange(t)
+        mask_BTS = (jnp.arange(s)[None, None, :] <= q_slots[None, :, None]) & key_valid_BS[:, None, :]
+        cos, sin = L.rope_cos_sin(positions_BT, np.asarray(a.inv_freq, np.float32), self.dtype)
+        x = self.model.embed_tokens(input_ids_BT)
+        if a.scale_embeddings:
+            x = x * jnp.asarray(a.hidden_size ** 0.5, self.dtype)
+        graphdef, stacked = nnx.split(self.model.layers)
+
+        def body(x_BTD, xs):
+            layer_state, window, k_cache, v_cache = xs
+            layer = nnx.merge(graphdef, layer_state)
+            in_window = (positions_BT[:, :, None] - key_positions_BS[:, None, :]) < window
+            x_BTD, (k_cache, v_cache) = layer(x_BTD, cos, sin, mask_BTS & in_window,
+                                              (k_cache, v_cache, index))
+            return x_BTD, (k_cache, v_cache)
+
+        windows = jnp.asarray(a.sliding_windows, jnp.int32)
+        x, (k, v) = jax.lax.scan(body, x, (stacked, windows, cache["k"], cache["v"]))
+        return self.logits_from_hidden(self.model.norm(x)), {"k": k, "v": v}
 
     def logits_from_hidden(self, h):
         """LM head (or tied embedding) in float32, then gemma2's final softcap."""
@@ -198,7 +250,8 @@ class CausalLM(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
+                 branch_ids=None):
         h = self.hidden_states(input_ids, attention_mask, positions=positions,
-                               segment_ids=segment_ids)
+                               segment_ids=segment_ids, branch_ids=branch_ids)
         return self.logits_from_hidden(h)

@@ -115,20 +115,29 @@ def apply_rope(x_BTNE, cos_BTE, sin_BTE):
     return x_BTNE * cos_BTE[:, :, None, :] + rotated * sin_BTE[:, :, None, :]
 
 
-def base_mask(attention_mask_BT, segment_ids_BT=None):
-    """[B, T, S] bool: causal by index, key valid, and (with segments) same segment."""
+def base_mask(attention_mask_BT, segment_ids_BT=None, branch_ids_BT=None):
+    """[B, T, S] bool: causal by index, key valid, and (with segments) same segment.
+
+    branch_ids (shared-prompt rows: 0 = prompt, 1 = chosen, 2 = rejected, ...) let a token see
+    keys of branch 0 and of its own branch only, so two completions share one encoded prompt.
+    """
     t = attention_mask_BT.shape[1]
     idx = jnp.arange(t)
     mask = (idx[None, :] <= idx[:, None])[None] & (attention_mask_BT[:, None, :] != 0)
     if segment_ids_BT is not None:
         mask &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    if branch_ids_BT is not None:
+        key_branch = branch_ids_BT[:, None, :]
+        mask &= (key_branch == 0) | (key_branch == branch_ids_BT[:, :, None])
     return mask
 
 
-def window_mask(t: int, window):
-    """[T, S] bool: query i sees key j when i - j < window (transformers' sliding semantics)."""
-    idx = jnp.arange(t)
-    return (idx[:, None] - idx[None, :]) < window
+def window_mask(positions_BT, window):
+    """[B, T, S] bool: query i sees key j when pos_i - pos_j < window (transformers' semantics).
+
+    Positions, not indices: in packed and shared-prompt rows the two differ.
+    """
+    return (positions_BT[:, :, None] - positions_BT[:, None, :]) < window
 
 
 def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float | None):

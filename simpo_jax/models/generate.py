@@ -1,0 +1,69 @@
+"""Greedy decoding with a KV cache in one jitted loop (sample generations during training)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def left_pad(sequences, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> left-padded ids [B, T] and attention mask [B, T]."""
+    t = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), t), pad_id, np.int32)
+    mask = np.zeros((len(sequences), t), np.int32)
+    for i, s in enumerate(sequences):
+        ids[i, t - len(s):] = s
+        mask[i, t - len(s):] = 1
+    return ids, mask
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id",
+                                             "pad_token_id"))
+def _generate(state, ids_BT, mask_BT, *, graphdef, max_new_tokens, eos_token_id, pad_token_id):
+    model = nnx.merge(graphdef, state)
+    b, t = ids_BT.shape
+    s = t + max_new_tokens
+    positions = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
+    key_valid = jnp.zeros((b, s), bool).at[:, :t].set(mask_BT.astype(bool))
+    key_positions = jnp.zeros((b, s), jnp.int32).at[:, :t].set(positions)
+    logits, cache = model.forward_cached(ids_BT, positions, model.init_cache(b, s), 0, key_valid,
+                                         key_positions)
+    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+
+    def body(i, carry):
+        cache, token, pos, key_valid, key_positions, out, done = carry
+        out = out.at[:, i].set(jnp.where(done, pad_token_id, token))
+        done = done | (token == eos_token_id)
+        pos = pos + 1
+        slot = t + i
+        key_valid = key_valid.at[:, slot].set(True)
+        key_positions = key_positions.at[:, slot].set(pos)
+        logits, cache = model.forward_cached(token[:, None], pos[:, None], cache, slot, key_valid,
+                                             key_positions)
+        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return cache, token, pos, key_valid, key_positions, out, done
+
+    carry = (cache, token, positions[:, -1], key_valid, key_positions, out, done)
+    return jax.lax.fori_loop(0, max_new_tokens, body, carry)[5]
+
+
+def greedy_generate(model, prompts, *, max_new_tokens: int, eos_token_id: int,
+                    pad_token_id: int) -> np.ndarray:
+    """New tokens [B, max_new_tokens] for token-list prompts, as transformers' greedy `generate`:
+    after EOS a row continues with pad_token_id."""
+    ids, mask = left_pad(prompts, pad_token_id)
+    graphdef, state = nnx.split(model)
+    out = _generate(state, jnp.asarray(ids), jnp.asarray(mask), graphdef=graphdef,
+                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id)
+    if jax.process_count() > 1:  # every process takes part; each gets the whole result
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+    return np.asarray(out)
