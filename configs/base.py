@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.output_dir = "outputs/run"
     c.seed = 42  # data order
     c.logging_steps = 10  # optimizer steps between metric rows
+    c.report_to = ("tensorboard",)  # sinks besides metrics.jsonl: tensorboard, wandb
     c.eval_steps = 100  # optimizer steps between evaluations (also one before step 1 and at the end)
     c.num_samples = 4  # greedy sample generations from eval prompts at every evaluation
     c.sample_max_new_tokens = 128  # tokens per sample

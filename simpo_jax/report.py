@@ -1,8 +1,13 @@
-"""Metric sinks and progress lines; only process 0 writes."""
+"""Metric sinks (metrics.jsonl, TensorBoard, Weights & Biases) and the progress display.
+
+Only process 0 writes. On a terminal the progress is one updating line (steps, ETA, loss, reward
+accuracy, tokens/s); otherwise it is a plain line every `logging_steps`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -10,15 +15,43 @@ import time
 
 import jax
 
+log = logging.getLogger(__name__)
+SINKS = ("tensorboard", "wandb")
+
 
 class MetricsWriter:
-    """Appends one JSON object per logged row to <output_dir>/metrics.jsonl and prints a line."""
+    """Appends one JSON object per logged row to <output_dir>/metrics.jsonl, mirrors it to the
+    chosen sinks, and shows progress."""
 
-    def __init__(self, output_dir: str, total_steps: int):
+    def __init__(self, output_dir: str, total_steps: int, report_to=(), run_config=None,
+                 stream=None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.total_steps = total_steps
         self.start = time.time()
         self.enabled = jax.process_index() == 0
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tensorboard = self.wandb = None
+        self._start_step = None
+        if not self.enabled:
+            return
+        unknown = [s for s in report_to if s not in SINKS]
+        if unknown:
+            raise ValueError(f"config.report_to={list(report_to)}: unknown sink(s) {unknown}; valid: "
+                             f"{list(SINKS)} (metrics.jsonl is always written).")
+        if "tensorboard" in report_to:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                log.warning("report_to includes 'wandb' but wandb is not installed (pip install "
+                            "wandb); continuing with the other sinks.")
+            else:
+                self.wandb = wandb.init(dir=output_dir, config=run_config and run_config.to_dict(),
+                                        name=os.path.basename(os.path.abspath(output_dir)))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         row = {"step": int(step)}
@@ -27,21 +60,72 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(self._line(step, row, prefix), file=sys.stdout, flush=True)
+        if self.tensorboard is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    tag = ("eval/" + k[len("eval_"):]) if k.startswith("eval_") else "train/" + k
+                    self.tensorboard.add_scalar(tag, v, step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if prefix or not self.tty:
+            self._clear_line()
+            print(self._line(step, row, prefix), file=self.stream, flush=True)
 
-    def _line(self, step, row, prefix):
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step, 1) * (self.total_steps - step) if step else float("nan")
-        keys = ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
+    def progress(self, step: int, metrics: dict | None) -> None:
+        """On a terminal: redraw the progress line after every step."""
+        if self._start_step is None:
+            self._start_step, self.start = step - 1, time.time()
+        if not (self.enabled and self.tty):
+            return
+        row = {"step": step, **({k: _py(v) for k, v in metrics.items()} if metrics else {})}
+        self.stream.write("\r" + self._bar(step) + " " + self._line(step, row, "", short=True)
+                          + "\033[K")
+        self.stream.flush()
+
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        if self.enabled and self.tensorboard is not None and samples:
+            text = "\n\n".join(f"**prompt:** {s['prompt']}\n\n**completion:** {s['completion']}"
+                               for s in samples)
+            self.tensorboard.add_text("samples", text, step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._clear_line()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+    def _clear_line(self):
+        if self.tty:
+            self.stream.write("\r\033[K")
+
+    def _bar(self, step: int, width: int = 20) -> str:
+        done = int(width * step / max(self.total_steps, 1))
+        return "[" + "#" * done + "." * (width - done) + "]"
+
+    def _eta(self, step: int) -> float:
+        if self._start_step is None or step <= self._start_step:
+            return float("nan")
+        per_step = (time.time() - self.start) / (step - self._start_step)
+        return per_step * (self.total_steps - step)
+
+    def _line(self, step, row, prefix, short=False):
+        keys = ["loss", "rewards/accuracies"]
+        if not short:
+            keys += ["rewards/margins", "logps/chosen", "logps/rejected"]
         if not prefix:
-            keys += ["learning_rate", "grad_norm", "tokens_per_second"]
+            keys += ["tokens_per_second"] if short else ["learning_rate", "grad_norm",
+                                                         "tokens_per_second", "mfu"]
         parts = [f"{prefix or 'train '}step {step}/{self.total_steps}"]
         for k in keys:
             v = row.get(prefix + k)
-            if v is not None:
-                parts.append(f"{k.split('/')[-1] if '/' in k else k}={v:.4g}")
-        if not prefix and step:
-            parts.append(f"eta={_duration(eta)}")
+            if isinstance(v, float):
+                parts.append(f"{k.split('/')[-1]}={v:.4g}")
+        if not prefix:
+            parts.append(f"eta={_duration(self._eta(step))}")
         return " | ".join(parts)
 
 

@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
 
 import jax
@@ -209,6 +211,38 @@ def to_global(batch: dict, shardings: dict) -> dict:
     return out
 
 
+def prefetch(batches, shardings: dict, depth: int = 2):
+    """Global device batches built by a background thread, `depth` steps ahead of the loop."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for batch in batches:
+                item = to_global(batch, shardings)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except Exception as e:  # surfaced in the training thread
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def evaluate(run: Run) -> dict:
     """Metrics over the whole eval split (padding pairs excluded); {} when there is none."""
     if not run.data.eval.num_pairs:
@@ -231,7 +265,7 @@ def eval_round(run: Run, writer: report.MetricsWriter, step: int) -> dict:
     metrics = evaluate(run)
     if metrics:
         writer.write(step, metrics, prefix="eval_")
-        write_samples(run, step)
+        writer.write_samples(step, write_samples(run, step))
     return metrics
 
 
@@ -273,18 +307,19 @@ def train(config) -> dict:
     """Trains per `config`; returns the final eval metrics. Output contract in the README."""
     run = build(config)
     start = run.start_step
-    writer = report.MetricsWriter(config.output_dir, run.total_steps)
+    writer = report.MetricsWriter(config.output_dir, run.total_steps,
+                                  report_to=tuple(config.report_to), run_config=config)
     if not run.data.eval.num_pairs:
         log.warning("No eval split (config.dataset_splits=%s has none with 'test' in its name, or "
                     "it is empty): training without evaluation.", list(config.dataset_splits))
     elif start == 0:
         eval_round(run, writer, 0)
     shardings = step_lib.batch_shardings(run.mesh)
-    batches = data_lib.train_batches(
+    batches = prefetch(data_lib.train_batches(
         run.data.train, batch_size=run.global_batch // jax.process_count(), seed=config.seed,
         start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
         pad_id=run.data.pad_id, max_length=config.max_length,
-        length_buckets=tuple(config.length_buckets))
+        length_buckets=tuple(config.length_buckets)), shardings)
 
     pending = None  # (step, metrics on device): read one step late, after t+1 is dispatched
     last_time = time.time()
@@ -298,16 +333,16 @@ def train(config) -> dict:
         metrics = jax.device_get(metrics)
         check_finite(step, metrics)
         now = time.time()
-        tokens_per_second = float(metrics.pop("num_tokens")) / max(now - last_time, 1e-9)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["tokens_per_second"] = metrics.pop("num_tokens") / max(now - last_time, 1e-9)
         last_time = now
+        writer.progress(step, metrics)
         if step % config.logging_steps == 0 or step == run.total_steps:
-            metrics = {k: float(v) for k, v in metrics.items()}
-            metrics["tokens_per_second"] = tokens_per_second
             writer.write(step, metrics)
 
     with ckpt_lib.PreemptionGuard() as guard:
         for step in range(start + 1, run.total_steps + 1):
-            batch = to_global(next(batches), shardings)
+            batch = next(batches)
             run.state, metrics = run.train_step(run.state, batch)
             flush()
             pending = (step, metrics)
@@ -317,6 +352,7 @@ def train(config) -> dict:
                 flush()
                 run.checkpointer.save(step, run.state, run.meta)
                 run.checkpointer.close()
+                writer.close()
                 print(f"Stopped by {guard.signal_name} after step {step}/{run.total_steps}; "
                       f"checkpoint saved in {run.checkpointer.directory}/{step}. Rerun the same "
                       "command to resume from it.", flush=True)
@@ -333,6 +369,7 @@ def train(config) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
             json.dump(final, f, indent=2)
+    writer.close()
     export(run, eval_metrics=final)
     return final
 

@@ -56,6 +56,7 @@ def test_short_tiny_run_output_contract(tmp_path):
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert [s["step"] for s in samples] == [0] * 4 + [20] * 4 + [40] * 4
     assert all(s["prompt"] and isinstance(s["completion"], str) for s in samples)
+    assert os.listdir(out / "tensorboard")  # the default sink besides metrics.jsonl
 
     # output_dir is a Hugging Face model folder that transformers loads and generates with.
     torch = pytest.importorskip("torch")
