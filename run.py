@@ -8,7 +8,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file.",
                                           lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to do with the config.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "lr_find", "plot", "plan"], "What to do with the config.")
 
 
 def parse_flags(argv):

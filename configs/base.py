@@ -84,6 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.hub_model_id = ""  # e.g. "your-name/mistral-7b-simpo"
     c.hub_private_repo = False
 
+    # --- LR range test (--mode=lr_find) -----------------------------------------------------------
+    c.lr_find_min = 1e-8  # first learning rate of the exponential sweep
+    c.lr_find_max = 1e-3  # last learning rate
+    c.lr_find_steps = 200  # real SimPO steps in the sweep
+
     # --- Multi-process runs (GPU clusters; TPU pods use "auto") ----------------------------------
     c.coordinator_address = ""  # "" = single process; "auto" = detect (TPU pods, SLURM); host:port
     c.num_processes = -1  # -1 = from JAX_NUM_PROCESSES

@@ -12,7 +12,7 @@ def main(config, mode: str = "train"):
     from simpo_jax import train
 
     modes = {"train": train.train, "eval": train.evaluate_checkpoint,
-             "export": train.export_checkpoint}
+             "export": train.export_checkpoint, "lr_find": train.lr_find}
     if mode not in modes:
         raise ValueError(f"--mode={mode!r}: must be one of {sorted(modes)}.")
     return modes[mode](config)

@@ -71,9 +71,21 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                 optax.Schedule]:
-    schedule = make_schedule(cfg, total_steps)
+def range_test_schedule(min_lr: float, max_lr: float, steps: int) -> optax.Schedule:
+    """The LR range test's exponential sweep: min_lr at step 0 to max_lr at step steps - 1."""
+    ratio = max_lr / min_lr
+
+    def schedule(count):
+        frac = jnp.asarray(count, jnp.float32) / max(1, steps - 1)
+        return min_lr * ratio ** jnp.minimum(frac, 1.0)
+
+    return schedule
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, schedule: optax.Schedule | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decay masked off norms and biases) after global-norm clipping; the LR schedule."""
+    schedule = schedule or make_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:

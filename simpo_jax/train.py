@@ -98,7 +98,7 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
     return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
 
 
-def build(config, *, with_data: bool = True) -> Run:
+def build(config, *, with_data: bool = True, schedule=None) -> Run:
     """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps."""
     config_lib.validate(config)
     sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
@@ -137,7 +137,8 @@ def build(config, *, with_data: bool = True) -> Run:
                                          save_total_limit=config.save_total_limit)
     restoring = bool(checkpointer.steps() or config.resume_from)
     graphdef, params = load_params(config, tokenizer, mesh, weights=not restoring)
-    tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps)
+    tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps,
+                                        schedule)
     loss_cfg = loss_lib.LossConfig.from_config(config)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     train_step, state_sh = step_lib.jit_train_step(
@@ -410,3 +411,50 @@ def evaluate_checkpoint(config) -> dict:
     report.MetricsWriter(config.output_dir, run.total_steps).write(run.start_step, metrics,
                                                                     prefix="eval_")
     return metrics
+
+
+def lr_find(config) -> dict:
+    """--mode=lr_find: the LR range test on real SimPO steps, in <output_dir>/lr_find.
+
+    The learning rate grows exponentially from lr_find_min to lr_find_max over lr_find_steps
+    steps, starting from the configured weights (never from, or into, the run's checkpoints); the
+    sweep stops early once the loss diverges. Writes lr_find.json and lr_find.png there.
+    """
+    import shutil
+
+    from simpo_jax import plots
+
+    out = os.path.join(config.output_dir, "lr_find")
+    if jax.process_index() == 0 and os.path.exists(out):
+        shutil.rmtree(out)
+    sweep = config.copy_and_resolve_references()
+    sweep.unlock()
+    sweep.output_dir, sweep.resume_from, sweep.max_steps = out, "", config.lr_find_steps
+    sweep.lock()
+    schedule = optim.range_test_schedule(config.lr_find_min, config.lr_find_max,
+                                         config.lr_find_steps)
+    run = build(sweep, schedule=schedule)
+    run.checkpointer.close()
+    batches = prefetch(data_lib.train_batches(
+        run.data.train, batch_size=run.global_batch // jax.process_count(), seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        pad_id=run.data.pad_id, max_length=config.max_length,
+        length_buckets=tuple(config.length_buckets)), step_lib.batch_shardings(run.mesh))
+    lrs, losses = [], []
+    for step in range(config.lr_find_steps):
+        run.state, metrics = run.train_step(run.state, next(batches))
+        loss = float(metrics["loss"])
+        lrs.append(float(metrics["learning_rate"]))
+        losses.append(loss)
+        if not math.isfinite(loss) or (step > 10 and loss > 4 * min(losses)):
+            break  # diverged: the rest of the sweep says nothing new
+    suggestion = plots.suggest_lr(lrs, losses)
+    result = {"suggested_learning_rate": suggestion, "learning_rates": lrs, "losses": losses}
+    if jax.process_index() == 0:
+        with open(os.path.join(out, "lr_find.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        plots.plot_lr_find(lrs, losses, suggestion, os.path.join(out, "lr_find.png"))
+        print(f"LR range test over {len(lrs)} steps ({lrs[0]:.2e} to {lrs[-1]:.2e}): suggested "
+              f"learning_rate {suggestion:.2e} (steepest loss decrease). Plot: "
+              f"{os.path.join(out, 'lr_find.png')}", flush=True)
+    return result
