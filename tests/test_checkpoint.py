@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from simpo_jax import train
+from simpo_jax import build, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ def train_rows(output_dir):
 
 
 def final_params(output_dir, **overrides):
-    run = train.build(tiny_config(output_dir, **overrides), with_data=False)
+    run = build.build(tiny_config(output_dir, **overrides), with_data=False)
     run.checkpointer.close()
     return jax.tree.map(np.asarray, run.state.params), run.start_step
 
@@ -102,7 +102,7 @@ def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_p
     c.unlock()
     c.model_init.hidden_size = 32
     with pytest.raises(ValueError, match="different model: .*hidden_size.*64.*hidden_size.*32"):
-        train.build(c)
+        build.build(c)
 
 
 def test_export_mode_loads_in_transformers(uninterrupted, tmp_path):

@@ -14,7 +14,6 @@ from typing import Any, Iterator
 import jax
 import ml_dtypes
 import numpy as np
-from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 

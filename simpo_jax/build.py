@@ -1,0 +1,235 @@
+"""Everything a run needs, built from a config: mesh, tokenizer, data, sharded state, steps.
+
+Also the resume logic (the latest complete checkpoint, checked against this run) and the device
+batch feed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import queue
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from simpo_jax import checkpoint as ckpt_lib
+from simpo_jax import config as config_lib
+from simpo_jax import data as data_lib
+from simpo_jax import loss as loss_lib
+from simpo_jax import models
+from simpo_jax import optim
+from simpo_jax import sharding as sharding_lib
+from simpo_jax import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a mode needs, built once from the config."""
+
+    config: object
+    mesh: object
+    tokenizer: object
+    data: object
+    graphdef: object
+    state: step_lib.TrainState
+    state_shardings: step_lib.TrainState
+    train_step: object
+    eval_step: object
+    total_steps: int
+    global_batch: int
+    eval_batch: int
+    checkpointer: ckpt_lib.Checkpointer
+    meta: dict
+    start_step: int = 0
+
+def resolve_path(path: str) -> str:
+    """A relative path as given if it exists from here, else relative to the repository root."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidate = os.path.join(root, path)
+    return candidate if os.path.exists(candidate) else path
+
+def model_config(config, tokenizer) -> dict:
+    """config.json fields of the model to train: the checkpoint's, or config.model_init's."""
+    if config.model_name_or_path:
+        path = resolve_path(config.model_name_or_path)
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    hf_config = config.model_init.to_dict()
+    if hf_config["vocab_size"] < len(tokenizer):
+        raise ValueError(f"config.model_init.vocab_size={hf_config['vocab_size']} is smaller than the "
+                         f"tokenizer's {len(tokenizer)} tokens.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        hf_config[name] = getattr(tokenizer, name)
+    return hf_config
+
+def load_params(config, tokenizer, mesh, *, weights: bool):
+    """(graphdef, params): loaded into their shardings, or abstract when a checkpoint will fill them."""
+    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    remat = config.remat_policy if config.gradient_checkpointing else "none"
+    kwargs = dict(dtype=dtype, param_dtype=jnp.float32, remat_policy=remat)
+    hf_config = model_config(config, tokenizer)
+    if not weights:
+        model = nnx.eval_shape(lambda: models.from_config(hf_config, **kwargs))
+    elif config.model_name_or_path:
+        model = models.from_pretrained(resolve_path(config.model_name_or_path), mesh=mesh, **kwargs)
+    else:
+        model = models.from_config(hf_config, seed=config.model_init_seed, mesh=mesh, **kwargs)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+def total_train_steps(config, steps_per_epoch: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+
+def build(config, *, with_data: bool = True, schedule=None) -> Run:
+    """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps."""
+    config_lib.validate(config)
+    sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
+                                        config.process_id)
+    os.makedirs(config.output_dir, exist_ok=True)
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
+    dp = sharding_lib.data_parallel_size(mesh)
+    global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
+    eval_batch = config.per_device_eval_batch_size * dp
+    if global_batch % jax.process_count() or eval_batch % jax.process_count():
+        raise ValueError(f"The global batch of {global_batch} pairs does not split over "
+                         f"{jax.process_count()} processes.")
+    if with_data:
+        print(f"effective batch size: {global_batch} pairs = per_device_train_batch_size "
+              f"{config.per_device_train_batch_size} x {dp} data-parallel devices (mesh "
+              f"{dict(mesh.shape)}) x gradient_accumulation_steps "
+              f"{config.gradient_accumulation_steps}", flush=True)
+
+    data_config = dataclasses.replace(
+        data_lib.DataConfig.from_config(config),
+        tokenizer_name_or_path=resolve_path(config.tokenizer_name_or_path
+                                            or config.model_name_or_path))
+    tokenizer = data_lib.load_tokenizer(data_config)
+    data, total_steps = None, 1
+    if with_data:
+        data = data_lib.build_datasets(data_config, tokenizer)
+        if jax.process_index() == 0:
+            data_lib.write_report(data.report, config.output_dir)
+        steps_per_epoch = data_lib.steps_per_epoch(data.train, global_batch)
+        if steps_per_epoch < 1:
+            raise ValueError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
+                             f"global batch of {global_batch}.")
+        total_steps = total_train_steps(config, steps_per_epoch)
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
+                                         save_total_limit=config.save_total_limit)
+    restoring = bool(checkpointer.steps() or config.resume_from)
+    graphdef, params = load_params(config, tokenizer, mesh, weights=not restoring)
+    tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps,
+                                        schedule)
+    loss_cfg = loss_lib.LossConfig.from_config(config)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+    train_step, state_sh = step_lib.jit_train_step(
+        mesh, abstract_state, graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
+        accumulation_steps=config.gradient_accumulation_steps,
+        logits_chunk_size=config.logits_chunk_size)
+    if restoring:
+        state = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
+    else:
+        state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+    del params
+    eval_step = step_lib.jit_eval_step(mesh, state_sh.params, graphdef=graphdef, cfg=loss_cfg,
+                                       logits_chunk_size=config.logits_chunk_size)
+    meta = {
+        "model": json.loads(json.dumps(model_config(config, tokenizer), default=str)),
+        "data_fingerprint": data.fingerprint if data else None,
+        "global_batch": global_batch,
+        "total_steps": total_steps,
+        "seed": config.seed,
+    }
+    run = Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
+              total_steps, global_batch, eval_batch, checkpointer, meta)
+    run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed")
+                            if with_data else ("model",)) if restoring else 0
+    if isinstance(jax.tree.leaves(run.state.params)[0], jax.ShapeDtypeStruct):
+        # Every checkpoint was unreadable: start from the configured weights after all.
+        log.warning("No checkpoint restored; starting from the configured model weights.")
+        graphdef, params = load_params(config, tokenizer, mesh, weights=True)
+        run.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+    return run
+
+def resume(run: Run, check: tuple[str, ...]) -> int:
+    """Restores the latest complete checkpoint (or config.resume_from); returns the start step."""
+    config = run.config
+    checkpointer, step = run.checkpointer, None
+    if config.resume_from:
+        path = os.path.abspath(resolve_path(config.resume_from))
+        checkpointer = ckpt_lib.Checkpointer(os.path.dirname(path), save_total_limit=0)
+        step = int(os.path.basename(path))
+
+    def same_run(step, meta):
+        for key in check:
+            if meta.get(key) != run.meta[key]:
+                raise ValueError(
+                    f"Checkpoint {checkpointer.directory}/{step} was written with a different "
+                    f"{key}: {_short(meta.get(key))} there, {_short(run.meta[key])} now. Use a new "
+                    "output_dir, or restore the settings of that run.")
+
+    restored = checkpointer.restore(run.state, step, check=same_run)
+    if restored is None:
+        return 0
+    step, state, _ = restored
+    run.state = state
+    print(f"Resumed from {checkpointer.directory}/{step}.", flush=True)
+    return step
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) < 300 else text[:300] + "..."
+
+def to_global(batch: dict, shardings: dict) -> dict:
+    """This process's rows of the global batch -> global jax.Arrays sharded over data x fsdp."""
+    out = {}
+    for k in step_lib.BATCH_KEYS:
+        local = np.asarray(batch[k])
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(shardings[k], local, global_shape)
+    return out
+
+def prefetch(batches, shardings: dict, depth: int = 2):
+    """Global device batches built by a background thread, `depth` steps ahead of the loop."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for batch in batches:
+                item = to_global(batch, shardings)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except Exception as e:  # surfaced in the training thread
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
