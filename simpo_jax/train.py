@@ -13,6 +13,7 @@ from flax import nnx
 
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import data as data_lib
+from simpo_jax import flops
 from simpo_jax import hub
 from simpo_jax import models
 from simpo_jax import optim
@@ -32,12 +33,27 @@ def check_finite(step: int, metrics: dict) -> None:
             "The run stopped without writing a checkpoint of this state. Lower learning_rate "
             "(e.g. 3e-7 instead of 5e-7 for 7B models) or beta (e.g. 1.0 instead of 2.0).")
 
+def utilisation_basis(run: Run) -> tuple[float, float]:
+    """(model FLOPs per trained token, peak FLOP/s of the whole mesh) for the `mfu` metric."""
+    arch, _ = models.arch_from_hf_config(run.meta["model"])
+    lengths = run.data.train.lengths()
+    flops_per_token = flops.model_flops_per_token(arch, seq_len=int(lengths.mean()))
+    device = run.mesh.devices.flat[0]
+    per_device, source = flops.peak_flops_per_device(device)
+    # Simulated CPU devices share the host's cores: the measured matmul rate is the host's peak.
+    peak = per_device if device.platform == "cpu" else per_device * run.mesh.devices.size
+    log.info("MFU basis: %.3g model FLOPs per token, peak %.3g FLOP/s (%s)", flops_per_token,
+             peak, source)
+    return flops_per_token, peak
+
+
 def train(config) -> dict:
     """Trains per `config`; returns the final eval metrics. Output contract in the README."""
     run = build(config)
     start = run.start_step
     writer = report.MetricsWriter(config.output_dir, run.total_steps,
                                   report_to=tuple(config.report_to), run_config=config)
+    flops_per_token, peak = utilisation_basis(run)
     if not run.data.eval.num_pairs:
         log.warning("No eval split (config.dataset_splits=%s has none with 'test' in its name, or "
                     "it is empty): training without evaluation.", list(config.dataset_splits))
@@ -64,6 +80,7 @@ def train(config) -> dict:
         now = time.time()
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["tokens_per_second"] = metrics.pop("num_tokens") / max(now - last_time, 1e-9)
+        metrics["mfu"] = flops_per_token * metrics["tokens_per_second"] / peak
         last_time = now
         writer.progress(step, metrics)
         if step % config.logging_steps == 0 or step == run.total_steps:
