@@ -50,6 +50,8 @@ class Run:
     checkpointer: ckpt_lib.Checkpointer
     meta: dict
     start_step: int = 0
+    restored_meta: dict | None = None  # the meta saved with the checkpoint resumed from
+
 
 def resolve_path(path: str) -> str:
     """A relative path as given if it exists from here, else relative to the repository root."""
@@ -58,6 +60,7 @@ def resolve_path(path: str) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     candidate = os.path.join(root, path)
     return candidate if os.path.exists(candidate) else path
+
 
 def model_config(config, tokenizer) -> dict:
     """config.json fields of the model to train: the checkpoint's, or config.model_init's."""
@@ -72,6 +75,7 @@ def model_config(config, tokenizer) -> dict:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf_config[name] = getattr(tokenizer, name)
     return hf_config
+
 
 def load_params(config, tokenizer, mesh, *, weights: bool):
     """(graphdef, params): loaded into their shardings, or abstract when a checkpoint will fill them."""
@@ -88,10 +92,12 @@ def load_params(config, tokenizer, mesh, *, weights: bool):
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
 
+
 def total_train_steps(config, steps_per_epoch: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
     return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+
 
 def build(config, *, with_data: bool = True, schedule=None) -> Run:
     """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps."""
@@ -165,6 +171,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         run.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
     return run
 
+
 def resume(run: Run, check: tuple[str, ...]) -> int:
     """Restores the latest complete checkpoint (or config.resume_from); returns the start step."""
     config = run.config
@@ -185,14 +192,16 @@ def resume(run: Run, check: tuple[str, ...]) -> int:
     restored = checkpointer.restore(run.state, step, check=same_run)
     if restored is None:
         return 0
-    step, state, _ = restored
-    run.state = state
+    step, state, meta = restored
+    run.state, run.restored_meta = state, meta
     print(f"Resumed from {checkpointer.directory}/{step}.", flush=True)
     return step
+
 
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) < 300 else text[:300] + "..."
+
 
 def to_global(batch: dict, shardings: dict) -> dict:
     """This process's rows of the global batch -> global jax.Arrays sharded over data x fsdp."""
@@ -202,6 +211,7 @@ def to_global(batch: dict, shardings: dict) -> dict:
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[k] = jax.make_array_from_process_local_data(shardings[k], local, global_shape)
     return out
+
 
 def prefetch(batches, shardings: dict, depth: int = 2):
     """Global device batches built by a background thread, `depth` steps ahead of the loop."""

@@ -34,6 +34,7 @@ def evaluate(run: Run) -> dict:
     metrics = loss_lib.finalize_metrics(total, loss_lib.LossConfig.from_config(run.config))
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
+
 def eval_round(run: Run, writer: report.MetricsWriter, step: int) -> dict:
     """Eval metrics over the whole split and sample generations, written to output_dir."""
     metrics = evaluate(run)
@@ -41,6 +42,7 @@ def eval_round(run: Run, writer: report.MetricsWriter, step: int) -> dict:
         writer.write(step, metrics, prefix="eval_")
         writer.write_samples(step, write_samples(run, step))
     return metrics
+
 
 def write_samples(run: Run, step: int) -> list[dict]:
     """Greedy completions of the first eval prompts, appended to <output_dir>/samples.jsonl."""
@@ -65,6 +67,7 @@ def write_samples(run: Run, step: int) -> list[dict]:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return rows
+
 
 def evaluate_checkpoint(config) -> dict:
     """--mode=eval: metrics of the latest checkpoint (or the initial model) over the eval split."""

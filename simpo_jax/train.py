@@ -13,6 +13,7 @@ from flax import nnx
 
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import data as data_lib
+from simpo_jax import doctor
 from simpo_jax import flops
 from simpo_jax import hub
 from simpo_jax import models
@@ -25,13 +26,22 @@ from simpo_jax.evaluation import eval_round
 log = logging.getLogger(__name__)
 
 
-def check_finite(step: int, metrics: dict) -> None:
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
-    if bad:
-        raise FloatingPointError(
-            f"Step {step}: {', '.join(bad)} is not finite ({', '.join(f'{k}={metrics[k]}' for k in bad)}). "
-            "The run stopped without writing a checkpoint of this state. Lower learning_rate "
-            "(e.g. 3e-7 instead of 5e-7 for 7B models) or beta (e.g. 1.0 instead of 2.0).")
+def check_finite(step: int, metrics: dict, advisor: doctor.Advisor) -> None:
+    if not all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm")):
+        raise FloatingPointError(advisor.nan_message(step, metrics))
+
+
+def start_doctor(run: Run) -> doctor.Advisor:
+    """Prints the config warnings; an Advisor that remembers advice given before a resume."""
+    num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
+    for warning in doctor.config_warnings(run.config, num_params=num_params,
+                                          effective_batch=run.global_batch):
+        log.warning("doctor: %s", warning)
+    advisor = doctor.Advisor()
+    if run.restored_meta and "advisor" in run.restored_meta:
+        advisor.load_state_dict(run.restored_meta["advisor"])
+    return advisor
+
 
 def utilisation_basis(run: Run) -> tuple[float, float]:
     """(model FLOPs per trained token, peak FLOP/s of the whole mesh) for the `mfu` metric."""
@@ -54,6 +64,10 @@ def train(config) -> dict:
     writer = report.MetricsWriter(config.output_dir, run.total_steps,
                                   report_to=tuple(config.report_to), run_config=config)
     flops_per_token, peak = utilisation_basis(run)
+    advisor = start_doctor(run)
+
+    def save(step):
+        run.checkpointer.save(step, run.state, {**run.meta, "advisor": advisor.state_dict()})
     if not run.data.eval.num_pairs:
         log.warning("No eval split (config.dataset_splits=%s has none with 'test' in its name, or "
                     "it is empty): training without evaluation.", list(config.dataset_splits))
@@ -76,7 +90,7 @@ def train(config) -> dict:
         step, metrics = pending
         pending = None
         metrics = jax.device_get(metrics)
-        check_finite(step, metrics)
+        check_finite(step, metrics, advisor)
         now = time.time()
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["tokens_per_second"] = metrics.pop("num_tokens") / max(now - last_time, 1e-9)
@@ -85,6 +99,8 @@ def train(config) -> dict:
         writer.progress(step, metrics)
         if step % config.logging_steps == 0 or step == run.total_steps:
             writer.write(step, metrics)
+            for advice in advisor.observe(step, metrics):
+                log.warning("doctor: %s", advice)
 
     with ckpt_lib.PreemptionGuard() as guard:
         for step in range(start + 1, run.total_steps + 1):
@@ -96,7 +112,7 @@ def train(config) -> dict:
                 flush()  # never checkpoint a step whose metrics were not checked
             if guard.should_stop(step):
                 flush()
-                run.checkpointer.save(step, run.state, run.meta)
+                save(step)
                 run.checkpointer.close()
                 writer.close()
                 print(f"Stopped by {guard.signal_name} after step {step}/{run.total_steps}; "
@@ -104,13 +120,13 @@ def train(config) -> dict:
                       "command to resume from it.", flush=True)
                 return {"preempted_at_step": step}
             if step % config.save_steps == 0 and step != run.total_steps:
-                run.checkpointer.save(step, run.state, run.meta)
+                save(step)
             if step % config.eval_steps == 0 and step != run.total_steps:
                 eval_round(run, writer, step)
         flush()
     final = eval_round(run, writer, run.total_steps)
     if start < run.total_steps:
-        run.checkpointer.save(run.total_steps, run.state, run.meta)
+        save(run.total_steps)
     run.checkpointer.close()
     if jax.process_index() == 0:
         with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
@@ -118,6 +134,7 @@ def train(config) -> dict:
     writer.close()
     export(run, eval_metrics=final)
     return final
+
 
 def export(run: Run, out_dir: str | None = None, eval_metrics: dict | None = None) -> str:
     """Writes the current parameters as a Hugging Face folder with a model card; pushes if asked."""
@@ -134,6 +151,7 @@ def export(run: Run, out_dir: str | None = None, eval_metrics: dict | None = Non
             print(f"Pushed {out_dir} to {url}", flush=True)
     return out_dir
 
+
 def export_checkpoint(config) -> str:
     """--mode=export: the latest checkpoint (or config.resume_from) as a Hugging Face folder."""
     run = build(config, with_data=False)
@@ -144,6 +162,7 @@ def export_checkpoint(config) -> str:
     out_dir = export(run, config.export_dir or config.output_dir)
     print(f"Exported step {run.start_step} to {out_dir} ({config.export_dtype}).", flush=True)
     return out_dir
+
 
 def lr_find(config) -> dict:
     """--mode=lr_find: the LR range test on real SimPO steps, in <output_dir>/lr_find.

@@ -1,0 +1,314 @@
+"""--mode=plan: per-device memory and FLOPs of the full train step, compiled ahead of time.
+
+No weights are allocated: the model, optimizer state and batch are abstract shapes with their real
+shardings; the step is lowered and compiled for a named target and XLA's memory analysis is read.
+TPU targets use the real TPU compiler on this host (libtpu, `topologies.get_topology_desc`), no
+chips needed. GPU targets cannot be compiled without a CUDA plugin, so they are an *estimate*: the
+same program compiled for simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8
+set before jax is imported) next to an analytic count; the larger of the two decides `fits`.
+
+    python run.py --config=configs/mistral7b.py --mode=plan --config.plan_target=tpu-v5e-8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from simpo_jax import loss as loss_lib
+from simpo_jax import models
+from simpo_jax import optim
+from simpo_jax import sharding as sharding_lib
+from simpo_jax import step as step_lib
+
+GIB = 2**30
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                      "model_configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    platform: str  # "tpu" (real AOT compile) or "gpu" (estimate on simulated CPU devices)
+    topology: str  # libtpu topology name; "" for GPU
+    chip_gib: float  # memory per chip
+    num_chips: int
+
+
+TARGETS = {
+    "tpu-v5e-8": Target("tpu", "v5e:2x4", 16, 8),
+    "tpu-v5p-8": Target("tpu", "v5p:2x2x1", 95, 4),  # v5p-N counts TensorCores: 4 chips
+    "tpu-v4-32": Target("tpu", "v4:2x2x4", 32, 16),  # 16 chips; libtpu exposes 2 cores per chip
+    "tpu-v6e-8": Target("tpu", "v6e:2x4", 32, 8),
+    "gpu-h100x8": Target("gpu", "", 80, 8),
+}
+
+# plan_search candidates, cheapest recompute first: (remat_policy, mesh (data, fsdp, tensor),
+# logits_chunk_size or None to keep the config's).
+SEARCH = (
+    ("none", (1, -1, 1), None),
+    ("dots_saveable", (1, -1, 1), None),
+    ("full", (1, -1, 1), None),
+    ("full", (1, -1, 1), 256),
+    ("full", (1, -1, 2), 256),
+)
+
+
+def hf_config_of(config) -> dict:
+    """config.json of the model: a local folder's, the shipped copy for a Hub name, or model_init."""
+    from simpo_jax.build import resolve_path
+
+    name = config.model_name_or_path
+    if name:
+        path = resolve_path(name)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as f:
+                return json.load(f)
+        shipped = os.path.join(ASSETS, name.replace("/", "__") + ".json")
+        if os.path.isfile(shipped):
+            with open(shipped) as f:
+                return json.load(f)
+        raise ValueError(
+            f"model_name_or_path={name!r}: no config.json there and no shipped copy "
+            f"{shipped}; point it at a local folder, or use one of "
+            f"{sorted(f[:-5].replace('__', '/') for f in os.listdir(ASSETS))}.")
+    return config.model_init.to_dict()
+
+
+def target_devices(target: Target) -> list:
+    """Devices to compile for: the TPU topology's (no chips needed) or num_chips CPU devices."""
+    if target.platform == "tpu":
+        from jax.experimental import topologies
+
+        return list(topologies.get_topology_desc(platform="tpu",
+                                                 topology_name=target.topology).devices)
+    cpus = jax.devices("cpu")
+    if len(cpus) < target.num_chips:
+        raise RuntimeError(
+            f"The {target.num_chips}-GPU estimate compiles for {target.num_chips} CPU devices but "
+            f"only {len(cpus)} exist: start Python with XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={target.num_chips} (set before jax is imported).")
+    return cpus[:target.num_chips]
+
+
+def _sharded_bytes(tree, shardings) -> int:
+    """Exact bytes one device holds of a tree of abstract arrays under their shardings."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def activation_estimate(arch, *, pairs: int, length: int, remat: str, dtype_bytes: int,
+                        tensor: int, logits_chunk_size: int) -> int:
+    """Analytic per-device activation bytes of one micro-batch's backward pass (upper-bound style).
+
+    Saved per layer: the block input (full remat), plus matmul outputs (dots policies), or every
+    intermediate including f32 attention probabilities (no remat); one layer is live in full while
+    it is recomputed; the f32 logits (and their gradient) unless chunked.
+    """
+    n = pairs * 2 * length  # tokens on one data-parallel device
+    h, i, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    q, kv = arch.num_heads * hd, arch.num_kv_heads * hd
+    dots = n * (q + 2 * kv + h + 3 * i) * dtype_bytes // tensor
+    scores = pairs * 2 * arch.num_heads * length * length * 4 // tensor
+    full_layer = n * 4 * h * dtype_bytes + dots + 2 * scores
+    saved = {"none": full_layer, "dots": n * h * dtype_bytes + dots,
+             "dots_saveable": n * h * dtype_bytes + dots, "full": n * h * dtype_bytes}[remat]
+    logits = n * arch.vocab_size * 4 * 2 // tensor
+    if logits_chunk_size:
+        logits = pairs * 2 * logits_chunk_size * arch.vocab_size * 4 * 2 // tensor
+    return arch.num_layers * saved + full_layer + logits
+
+
+def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, logits_chunk_size):
+    """Lowers and compiles the train step on abstract inputs; the per-device figures."""
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(*mesh_shape), devices)
+    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    model = nnx.eval_shape(lambda: models.from_config(
+        hf_config, dtype=dtype, param_dtype=jnp.float32, remat_policy=remat))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps=1000)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+    train_step, state_sh = step_lib.jit_train_step(
+        mesh, abstract_state, graphdef=graphdef, tx=tx, schedule=schedule,
+        cfg=loss_lib.LossConfig.from_config(config),
+        accumulation_steps=config.gradient_accumulation_steps,
+        logits_chunk_size=logits_chunk_size)
+    dp = sharding_lib.data_parallel_size(mesh)
+    pairs = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
+    t = config.max_length
+    batch_sh = step_lib.batch_shardings(mesh)
+    shapes = {"input_ids": ((pairs, 2, t), jnp.int32), "completion_start": ((pairs, 2), jnp.int32),
+              "lengths": ((pairs, 2), jnp.int32), "pair_mask": ((pairs,), jnp.float32)}
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract_state, state_sh)
+    params_b = _sharded_bytes(abstract_state.params, state_sh.params)
+    opt_b = _sharded_bytes(abstract_state.opt_state, state_sh.opt_state)
+    arch = model.arch
+    tokens = pairs * 2 * t
+    result = {
+        "remat_policy": remat, "mesh": dict(mesh.shape), "logits_chunk_size": logits_chunk_size,
+        "num_devices": len(devices), "global_batch_pairs": pairs,
+        "micro_batch_pairs_per_device": config.per_device_train_batch_size,
+        "max_length": t, "num_params": sum(x.size for x in jax.tree.leaves(params)),
+        "params_bytes": params_b, "opt_state_bytes": opt_b,
+        "model_flops_per_step": model_flops(arch, tokens, t),
+        "activation_estimate_bytes": activation_estimate(
+            arch, pairs=config.per_device_train_batch_size, length=t, remat=remat,
+            dtype_bytes=jnp.dtype(dtype).itemsize, tensor=mesh.shape["tensor"],
+            logits_chunk_size=logits_chunk_size),
+    }
+    lowered = train_step.lower(state, batch)
+    start = time.time()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        # The TPU compiler refuses a program over the chip's memory and says by how much.
+        found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", str(e))
+        if not found:
+            raise
+        temp = float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
+        result.update(compile_seconds=round(time.time() - start, 1), out_of_memory=True,
+                      temp_bytes=int(temp), total_bytes=int(params_b + opt_b + temp),
+                      xla_flops_per_device=None, compile_error=str(e).splitlines()[0][:300])
+        return result
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    result.update(
+        compile_seconds=round(time.time() - start, 1), out_of_memory=False,
+        batch_bytes=mem.argument_size_in_bytes - params_b - opt_b - 4,  # minus the step counter
+        temp_bytes=mem.temp_size_in_bytes,  # gradients, accumulators, activations, workspace
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+        total_bytes=total,
+        # XLA counts a loop body once (layer scan, accumulation scan): a lower bound.
+        xla_flops_per_device=float(cost.get("flops", -1.0)))
+    return result
+
+
+def model_flops(arch, tokens: int, length: int) -> float:
+    """Training FLOPs of one step, all devices: 6 x matmul params x tokens + causal attention.
+
+    The MFU convention: rematerialised forward passes are not counted.
+    """
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    per_layer = arch.hidden_size * (2 * q + 2 * kv) + 3 * arch.hidden_size * arch.intermediate_size
+    matmul = arch.num_layers * per_layer + arch.vocab_size * arch.hidden_size
+    attention = arch.num_layers * 2 * 2 * q * length / 2  # QK^T and AV, causal half
+    return 6.0 * matmul * tokens + 3.0 * attention * tokens
+
+
+def _verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
+    per_device = capacity_bytes
+    result["capacity_bytes"] = per_device
+    if target.platform == "tpu":
+        result["kind"] = "compiled (out of memory)" if result["out_of_memory"] else "compiled"
+        needed = result["total_bytes"]
+    else:
+        # Params, optimizer, f32 gradients (and an accumulator) are exact; activations analytic.
+        acc = 2 if result["global_batch_pairs"] > result["micro_batch_pairs_per_device"] * result[
+            "num_devices"] else 1
+        result["analytic_total_bytes"] = (2 * result["params_bytes"] + result["opt_state_bytes"]
+                                          + acc * result["params_bytes"]
+                                          + result["activation_estimate_bytes"])
+        result["kind"] = "estimate"
+        needed = max(result["total_bytes"], result["analytic_total_bytes"])
+    result["needed_bytes"] = needed
+    result["fits"] = bool(needed <= per_device and not result["out_of_memory"])
+    return result
+
+
+def capacity_per_device(target: Target, devices) -> int:
+    """Chip memory split over the devices a chip exposes (v4: two TensorCores per chip)."""
+    per_chip = max(1, len(devices) // target.num_chips)
+    return int(target.chip_gib * GIB / per_chip)
+
+
+def plan(config) -> dict:
+    """Plans config's train step on config.plan_target; prints a table, writes <output_dir>/plan.json."""
+    if config.plan_target not in TARGETS:
+        raise ValueError(f"plan_target={config.plan_target!r}: must be one of {sorted(TARGETS)}.")
+    target = TARGETS[config.plan_target]
+    hf_config = hf_config_of(config)
+    devices = target_devices(target)
+    capacity = (int(config.plan_capacity_gib * GIB) if config.plan_capacity_gib > 0
+                else capacity_per_device(target, devices))
+    own = (config.remat_policy if config.gradient_checkpointing else "none",
+           (config.mesh_data, config.mesh_fsdp, config.mesh_tensor), config.logits_chunk_size)
+    candidates = [own]
+    for remat, mesh_shape, chunk in SEARCH if config.plan_search else ():
+        candidate = (remat, mesh_shape, config.logits_chunk_size if chunk is None else chunk)
+        if candidate not in candidates:
+            candidates.append(candidate)
+    tried = []
+    for remat, mesh_shape, chunk in candidates:
+        try:
+            result = compile_step(config, hf_config, devices, remat=remat,
+                                  mesh_shape=mesh_shape, logits_chunk_size=chunk)
+        except Exception as e:  # e.g. a mesh the model does not divide: record it, try the next
+            result = {"remat_policy": remat, "mesh": dict(zip(sharding_lib.AXES, mesh_shape)),
+                      "logits_chunk_size": chunk, "error": f"{type(e).__name__}: {str(e)[:500]}",
+                      "fits": False}
+        else:
+            result = _verdict(result, target, capacity)
+        tried.append(result)
+        print(format_row(config.plan_target, result), flush=True)
+        if result["fits"]:
+            break
+    out = {"target": config.plan_target, "platform": target.platform,
+           "topology": target.topology or f"{target.num_chips} simulated CPU devices",
+           "model": config.model_name_or_path or "model_init", "capacity_bytes": capacity,
+           "tried": tried, "choice": next((r for r in tried if r["fits"]), None)}
+    if jax.process_index() == 0:
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "plan.json"), "w") as f:
+            json.dump(out, f, indent=2)
+    print(format_table(out), flush=True)
+    return out
+
+
+def _gib(b) -> str:
+    return f"{b / GIB:.2f}"
+
+
+def format_row(target: str, r: dict) -> str:
+    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v != 1) or "single"
+    head = f"{target} remat={r['remat_policy']} mesh={mesh} logits_chunk={r['logits_chunk_size']}"
+    if "error" in r:
+        return f"{head}: failed to compile ({r['error'][:200]})"
+    return (f"{head}: params {_gib(r['params_bytes'])} + opt {_gib(r['opt_state_bytes'])} + temp "
+            f"{_gib(r['temp_bytes'])} -> {_gib(r['needed_bytes'])} of {_gib(r['capacity_bytes'])} "
+            f"GiB/device ({r['kind']}), {r['model_flops_per_step'] / 1e12:.0f} model TFLOP/step, compile "
+            f"{r['compile_seconds']}s, fits={'yes' if r['fits'] else 'no'}")
+
+
+def format_table(out: dict) -> str:
+    """A Markdown table of every configuration tried (GiB per device)."""
+    lines = [f"Plan for {out['model']} on {out['target']} ({out['topology']}), "
+             f"{_gib(out['capacity_bytes'])} GiB per device",
+             "| remat | mesh | logits chunk | params | opt state | temp | total | kind | model TFLOP/step "
+             "| compile s | fits |", "|" + "---|" * 11]
+    for r in out["tried"]:
+        mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v != 1)
+        if "error" in r:
+            lines.append(f"| {r['remat_policy']} | {mesh} | {r['logits_chunk_size']} | "
+                         f"compile failed: {r['error'][:80]} |||||||| no |")
+            continue
+        lines.append(
+            f"| {r['remat_policy']} | {mesh} | {r['logits_chunk_size']} | {_gib(r['params_bytes'])} "
+            f"| {_gib(r['opt_state_bytes'])} | {_gib(r['temp_bytes'])} | {_gib(r['needed_bytes'])} "
+            f"| {r['kind']} | {r['model_flops_per_step'] / 1e12:.0f} | {r['compile_seconds']} "
+            f"| {'yes' if r['fits'] else 'no'} |")
+    return "\n".join(lines)
