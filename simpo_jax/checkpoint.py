@@ -81,8 +81,12 @@ class Checkpointer:
                     type(error).__name__, (str(error).splitlines() or [""])[0][:300])
 
     def close(self) -> None:
+        """Waits for saves in flight, then releases the manager; calling it again does nothing."""
+        if self.manager is None:
+            return
         self.manager.wait_until_finished()
         self.manager.close()
+        self.manager = None
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -236,6 +236,18 @@ def capacity_per_device(target: Target, devices) -> int:
     return int(target.chip_gib * GIB / per_chip)
 
 
+def candidates(config) -> list[tuple[str, tuple[int, int, int], int]]:
+    """(remat_policy, mesh shape, logits_chunk_size) to try: the config's own, then SEARCH's."""
+    own = (config.remat_policy if config.gradient_checkpointing else "none",
+           (config.mesh_data, config.mesh_fsdp, config.mesh_tensor), config.logits_chunk_size)
+    out = [own]
+    for remat, mesh_shape, chunk in SEARCH if config.plan_search else ():
+        candidate = (remat, mesh_shape, config.logits_chunk_size if chunk is None else chunk)
+        if candidate not in out:
+            out.append(candidate)
+    return out
+
+
 def plan(config) -> dict:
     """Plans config's train step on config.plan_target; prints a table, writes <output_dir>/plan.json."""
     if config.plan_target not in TARGETS:
@@ -245,15 +257,8 @@ def plan(config) -> dict:
     devices = target_devices(target)
     capacity = (int(config.plan_capacity_gib * GIB) if config.plan_capacity_gib > 0
                 else capacity_per_device(target, devices))
-    own = (config.remat_policy if config.gradient_checkpointing else "none",
-           (config.mesh_data, config.mesh_fsdp, config.mesh_tensor), config.logits_chunk_size)
-    candidates = [own]
-    for remat, mesh_shape, chunk in SEARCH if config.plan_search else ():
-        candidate = (remat, mesh_shape, config.logits_chunk_size if chunk is None else chunk)
-        if candidate not in candidates:
-            candidates.append(candidate)
     tried = []
-    for remat, mesh_shape, chunk in candidates:
+    for remat, mesh_shape, chunk in candidates(config):
         try:
             result = compile_step(config, hf_config, devices, remat=remat,
                                   mesh_shape=mesh_shape, logits_chunk_size=chunk)

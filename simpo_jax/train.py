@@ -60,6 +60,14 @@ def utilisation_basis(run: Run) -> tuple[float, float]:
 def train(config) -> dict:
     """Trains per `config`; returns the final eval metrics. Output contract in the README."""
     run = build(config)
+    try:
+        return _train(run)
+    finally:  # an error still completes the checkpoints already being written
+        run.checkpointer.close()
+
+
+def _train(run: Run) -> dict:
+    config = run.config
     start = run.start_step
     writer = report.MetricsWriter(config.output_dir, run.total_steps,
                                   report_to=tuple(config.report_to), run_config=config)
@@ -68,6 +76,7 @@ def train(config) -> dict:
 
     def save(step):
         run.checkpointer.save(step, run.state, {**run.meta, "advisor": advisor.state_dict()})
+
     if not run.data.eval.num_pairs:
         log.warning("No eval split (config.dataset_splits=%s has none with 'test' in its name, or "
                     "it is empty): training without evaluation.", list(config.dataset_splits))
