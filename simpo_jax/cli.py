@@ -12,7 +12,19 @@ def main(config, mode: str = "train"):
     from simpo_jax import evaluation, train
 
     modes = {"train": train.train, "eval": evaluation.evaluate_checkpoint,
-             "export": train.export_checkpoint, "lr_find": train.lr_find}
+             "export": train.export_checkpoint, "lr_find": train.lr_find, "plot": plot}
     if mode not in modes:
         raise ValueError(f"--mode={mode!r}: must be one of {sorted(modes)}.")
     return modes[mode](config)
+
+
+def plot(config) -> list[str]:
+    """--mode=plot: PNGs of <output_dir>/metrics.jsonl in <output_dir>/plots."""
+    import os
+
+    from simpo_jax import plots
+
+    paths = plots.plot_metrics(os.path.join(config.output_dir, "metrics.jsonl"), config.output_dir)
+    for path in paths:
+        print(path)
+    return paths

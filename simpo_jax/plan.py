@@ -210,7 +210,8 @@ def model_flops(arch, tokens: int, length: int) -> float:
     return 6.0 * matmul * tokens + 3.0 * attention * tokens
 
 
-def _verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
+def verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
+    """Adds capacity, needed bytes and `fits` to a compile_step result."""
     per_device = capacity_bytes
     result["capacity_bytes"] = per_device
     if target.platform == "tpu":
@@ -267,7 +268,7 @@ def plan(config) -> dict:
                       "logits_chunk_size": chunk, "error": f"{type(e).__name__}: {str(e)[:500]}",
                       "fits": False}
         else:
-            result = _verdict(result, target, capacity)
+            result = verdict(result, target, capacity)
         tried.append(result)
         print(format_row(config.plan_target, result), flush=True)
         if result["fits"]:

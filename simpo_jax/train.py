@@ -18,6 +18,7 @@ from simpo_jax import flops
 from simpo_jax import hub
 from simpo_jax import models
 from simpo_jax import optim
+from simpo_jax import plots
 from simpo_jax import report
 from simpo_jax import step as step_lib
 from simpo_jax.build import Run, build, prefetch
@@ -141,6 +142,8 @@ def _train(run: Run) -> dict:
         with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
             json.dump(final, f, indent=2)
     writer.close()
+    if jax.process_index() == 0:
+        plots.plot_metrics(writer.path, config.output_dir)
     export(run, eval_metrics=final)
     return final
 
@@ -181,8 +184,6 @@ def lr_find(config) -> dict:
     sweep stops early once the loss diverges. Writes lr_find.json and lr_find.png there.
     """
     import shutil
-
-    from simpo_jax import plots
 
     out = os.path.join(config.output_dir, "lr_find")
     if jax.process_index() == 0 and os.path.exists(out):
