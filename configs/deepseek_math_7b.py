@@ -1,0 +1,45 @@
+"""SimPO on DeepSeek-Math-7B base with distilabel math preferences: the seeds' reasoning recipe.
+
+Run: python run.py --config=configs/deepseek_math_7b.py
+Source: ../shared/seeds SimPO skill, "Workflow 3: reasoning-heavy tasks (lower learning rate)"
+(beta 5.0, gamma_beta_ratio 0.7, lr 3e-7, sft_weight 0, per-device batch 1 x accumulation 16)
+and the hyperparameter guide's math row (lr 3e-7, "careful optimisation").
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+
+    # --- Model (llama architecture) ---
+    c.model_name_or_path = "deepseek-ai/deepseek-math-7b-base"
+    c.bf16 = True
+    c.gradient_checkpointing = True
+    c.logits_chunk_size = 256
+
+    # --- Data: instruction / chosen_response / rejected_response rows, train split only ---
+    c.dataset_mixer = {"argilla/distilabel-math-preference-dpo": 1.0}
+    c.dataset_splits = ("train",)
+    c.data_format = "distilabel_math"
+    c.max_length = 1024
+    c.max_prompt_length = 512
+
+    # --- SimPO ---
+    c.beta = 5.0
+    c.gamma_beta_ratio = 0.7
+    c.loss_type = "sigmoid"
+    c.sft_weight = 0.0
+
+    # --- Optimizer and batch ---
+    c.learning_rate = 3e-7
+    c.lr_scheduler_type = "cosine"
+    c.warmup_ratio = 0.1
+    c.num_train_epochs = 1.0
+    c.per_device_train_batch_size = 1
+    c.gradient_accumulation_steps = 16
+
+    # --- Output ---
+    c.output_dir = "outputs/deepseek-math-7b-simpo"
+    c.save_steps = 100
+    return c
