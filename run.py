@@ -1,5 +1,6 @@
 """simpo_jax command line: python run.py --config=configs/tiny.py [--config.field=value ...] [--mode=train]."""
 
+import os
 import re
 import sys
 
@@ -11,8 +12,19 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run conf
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "lr_find", "plot", "plan"], "What to do with the config.")
 
 
+def yaml_recipes(argv):
+    """`--config=recipe.yaml` (an alignment-handbook / SimPO recipe) -> configs/recipe.py:recipe.yaml."""
+    out = []
+    for a in argv:
+        if a.startswith("--config=") and a.endswith((".yaml", ".yml")):
+            a = f"--config={os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'recipe.py')}:{a[len('--config='):]}"
+        out.append(a)
+    return out
+
+
 def parse_flags(argv):
     """absl parsing, but a bad override is one line naming the field, not a traceback."""
+    argv = yaml_recipes(argv)
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:

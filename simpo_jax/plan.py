@@ -159,7 +159,7 @@ def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, lo
         "remat_policy": remat, "mesh": dict(mesh.shape), "logits_chunk_size": logits_chunk_size,
         "num_devices": len(devices), "global_batch_pairs": pairs,
         "micro_batch_pairs_per_device": config.per_device_train_batch_size,
-        "max_length": t, "num_params": sum(x.size for x in jax.tree.leaves(params)),
+        "accumulation_steps": config.gradient_accumulation_steps, "max_length": t, "num_params": sum(x.size for x in jax.tree.leaves(params)),
         "params_bytes": params_b, "opt_state_bytes": opt_b,
         "model_flops_per_step": model_flops(arch, tokens, t),
         "activation_estimate_bytes": activation_estimate(
@@ -212,22 +212,20 @@ def model_flops(arch, tokens: int, length: int) -> float:
 
 def verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
     """Adds capacity, needed bytes and `fits` to a compile_step result."""
-    per_device = capacity_bytes
-    result["capacity_bytes"] = per_device
+    result["capacity_bytes"] = capacity_bytes
     if target.platform == "tpu":
         result["kind"] = "compiled (out of memory)" if result["out_of_memory"] else "compiled"
         needed = result["total_bytes"]
     else:
         # Params, optimizer, f32 gradients (and an accumulator) are exact; activations analytic.
-        acc = 2 if result["global_batch_pairs"] > result["micro_batch_pairs_per_device"] * result[
-            "num_devices"] else 1
-        result["analytic_total_bytes"] = (2 * result["params_bytes"] + result["opt_state_bytes"]
-                                          + acc * result["params_bytes"]
+        grads = 2 if result["accumulation_steps"] > 1 else 1
+        result["analytic_total_bytes"] = ((1 + grads) * result["params_bytes"]
+                                          + result["opt_state_bytes"]
                                           + result["activation_estimate_bytes"])
         result["kind"] = "estimate"
         needed = max(result["total_bytes"], result["analytic_total_bytes"])
     result["needed_bytes"] = needed
-    result["fits"] = bool(needed <= per_device and not result["out_of_memory"])
+    result["fits"] = bool(needed <= capacity_bytes and not result["out_of_memory"])
     return result
 
 

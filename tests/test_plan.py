@@ -117,8 +117,8 @@ plan.plan(c)
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_v5e_aot_compile_reports_memory_and_flops(tmp_path):
-    # Own process: the TPU topology needs the libtpu backend, which conftest's 8 CPU devices and
-    # JAX_PLATFORMS=cpu do not stop but a fresh interpreter keeps apart from the CPU tests.
+    # get_topology_desc works under JAX_PLATFORMS=cpu; a fresh process keeps libtpu (its machine-wide
+    # lockfile, skipped by ALLOW_MULTIPLE_LIBTPU_LOAD since other test runs may hold it) apart.
     env = dict(os.environ, TPU_ACCELERATOR_TYPE="v5litepod-8", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
