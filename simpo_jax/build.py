@@ -213,33 +213,51 @@ def to_global(batch: dict, shardings: dict) -> dict:
     return out
 
 
-def prefetch(batches, shardings: dict, depth: int = 2):
-    """Global device batches built by a background thread, `depth` steps ahead of the loop."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class prefetch:
+    """Global device batches built by a background thread, `depth` steps ahead of the loop.
 
-    def produce():
+    Use as a context manager (or call close()): the thread is stopped and joined before the
+    process exits, never left inside a JAX call at interpreter shutdown.
+    """
+
+    def __init__(self, batches, shardings: dict, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(batches, shardings),
+                                        daemon=True)
+        self._thread.start()
+
+    def _produce(self, batches, shardings):
         try:
             for batch in batches:
                 item = to_global(batch, shardings)
-                while not stop.is_set():
+                while not self._stop.is_set():
                     try:
-                        q.put(item, timeout=0.1)
+                        self._queue.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
+                if self._stop.is_set():
                     return
         except Exception as e:  # surfaced in the training thread
-            q.put(e)
+            self._queue.put(e)
 
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

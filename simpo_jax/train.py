@@ -112,7 +112,7 @@ def _train(run: Run) -> dict:
             for advice in advisor.observe(step, metrics):
                 log.warning("doctor: %s", advice)
 
-    with ckpt_lib.PreemptionGuard() as guard:
+    with ckpt_lib.PreemptionGuard() as guard, batches:
         for step in range(start + 1, run.total_steps + 1):
             batch = next(batches)
             run.state, metrics = run.train_step(run.state, batch)
@@ -202,13 +202,14 @@ def lr_find(config) -> dict:
         pad_id=run.data.pad_id, max_length=config.max_length,
         length_buckets=tuple(config.length_buckets)), step_lib.batch_shardings(run.mesh))
     lrs, losses = [], []
-    for step in range(config.lr_find_steps):
-        run.state, metrics = run.train_step(run.state, next(batches))
-        loss = float(metrics["loss"])
-        lrs.append(float(metrics["learning_rate"]))
-        losses.append(loss)
-        if not math.isfinite(loss) or (step > 10 and loss > 4 * min(losses)):
-            break  # diverged: the rest of the sweep says nothing new
+    with batches:
+        for step in range(config.lr_find_steps):
+            run.state, metrics = run.train_step(run.state, next(batches))
+            loss = float(metrics["loss"])
+            lrs.append(float(metrics["learning_rate"]))
+            losses.append(loss)
+            if not math.isfinite(loss) or (step > 10 and loss > 4 * min(losses)):
+                break  # diverged: the rest of the sweep says nothing new
     suggestion = plots.suggest_lr(lrs, losses)
     result = {"suggested_learning_rate": suggestion, "learning_rates": lrs, "losses": losses}
     if jax.process_index() == 0:
