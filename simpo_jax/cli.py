@@ -12,7 +12,8 @@ def main(config, mode: str = "train"):
     from simpo_jax import evaluation, train
 
     modes = {"train": train.train, "eval": evaluation.evaluate_checkpoint,
-             "export": train.export_checkpoint, "lr_find": train.lr_find, "plot": plot}
+             "export": train.export_checkpoint, "lr_find": train.lr_find, "plot": plot,
+             "plan": plan}
     if mode not in modes:
         raise ValueError(f"--mode={mode!r}: must be one of {sorted(modes)}.")
     return modes[mode](config)
@@ -28,3 +29,10 @@ def plot(config) -> list[str]:
     for path in paths:
         print(path)
     return paths
+
+
+def plan(config) -> dict:
+    """--mode=plan: ahead-of-time compile of the train step for config.plan_target; memory report."""
+    from simpo_jax import plan as plan_lib
+
+    return plan_lib.plan(config)
