@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_find_steps = 200  # real SimPO steps in the sweep
 
     # --- Ahead-of-time memory plan (--mode=plan) -------------------------------------------------
-    c.plan_target = "tpu-v5e-8"  # tpu-v5e-8 | tpu-v5p-8 | tpu-v4-32 | tpu-v6e-8 | gpu-h100x8 | cpu
+    c.plan_target = "tpu-v5e-8"  # tpu-v5e-8 | tpu-v5p-8 | tpu-v5p-32 | tpu-v5p-64 | tpu-v4-32 | tpu-v6e-8 | gpu-h100x8
     c.plan_capacity_gib = 0.0  # memory per device to plan against; 0 = the target's own
     c.plan_search = False  # try remat policies and mesh shapes until one fits
 

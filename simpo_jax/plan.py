@@ -4,8 +4,10 @@ No weights are allocated: the model, optimizer state and batch are abstract shap
 shardings; the step is lowered and compiled for a named target and XLA's memory analysis is read.
 TPU targets use the real TPU compiler on this host (libtpu, `topologies.get_topology_desc`), no
 chips needed. GPU targets cannot be compiled without a CUDA plugin, so they are an *estimate*: the
-same program compiled for simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8
-set before jax is imported) next to an analytic count; the larger of the two decides `fits`.
+same program compiled for 8 simulated CPU devices (a child Python with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 when this one has fewer) next to an analytic
+count; the larger of the two decides `fits`. A TPU program over the chip's memory is refused by
+the compiler, which states the temporaries it needed: those rows read "compiled (out of memory)".
 
     python run.py --config=configs/mistral7b.py --mode=plan --config.plan_target=tpu-v5e-8
 """
@@ -45,6 +47,8 @@ class Target:
 TARGETS = {
     "tpu-v5e-8": Target("tpu", "v5e:2x4", 16, 8),
     "tpu-v5p-8": Target("tpu", "v5p:2x2x1", 95, 4),  # v5p-N counts TensorCores: 4 chips
+    "tpu-v5p-32": Target("tpu", "v5p:2x2x4", 95, 16),  # 70B-class models
+    "tpu-v5p-64": Target("tpu", "v5p:2x4x4", 95, 32),
     "tpu-v4-32": Target("tpu", "v4:2x2x4", 32, 16),  # 16 chips; libtpu exposes 2 cores per chip
     "tpu-v6e-8": Target("tpu", "v6e:2x4", 32, 8),
     "gpu-h100x8": Target("gpu", "", 80, 8),
@@ -62,7 +66,7 @@ SEARCH = (
 
 
 def hf_config_of(config) -> dict:
-    """config.json of the model: a local folder's, the shipped copy for a Hub name, or model_init."""
+    """config.json of the model: a local folder's, a Hub name's shipped copy, or model_init."""
     from simpo_jax.build import resolve_path
 
     name = config.model_name_or_path
@@ -94,7 +98,7 @@ def target_devices(target: Target) -> list:
         raise RuntimeError(
             f"The {target.num_chips}-GPU estimate compiles for {target.num_chips} CPU devices but "
             f"only {len(cpus)} exist: start Python with XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={target.num_chips} (set before jax is imported).")
+            f"--xla_force_host_platform_device_count={target.num_chips} (before jax is imported).")
     return cpus[:target.num_chips]
 
 
@@ -159,7 +163,8 @@ def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, lo
         "remat_policy": remat, "mesh": dict(mesh.shape), "logits_chunk_size": logits_chunk_size,
         "num_devices": len(devices), "global_batch_pairs": pairs,
         "micro_batch_pairs_per_device": config.per_device_train_batch_size,
-        "accumulation_steps": config.gradient_accumulation_steps, "max_length": t, "num_params": sum(x.size for x in jax.tree.leaves(params)),
+        "accumulation_steps": config.gradient_accumulation_steps, "max_length": t,
+        "num_params": sum(x.size for x in jax.tree.leaves(params)),
         "params_bytes": params_b, "opt_state_bytes": opt_b,
         "model_flops_per_step": model_flops(arch, tokens, t),
         "activation_estimate_bytes": activation_estimate(
@@ -248,11 +253,13 @@ def candidates(config) -> list[tuple[str, tuple[int, int, int], int]]:
 
 
 def plan(config) -> dict:
-    """Plans config's train step on config.plan_target; prints a table, writes <output_dir>/plan.json."""
+    """Plans the train step on config.plan_target; prints a table, writes <output_dir>/plan.json."""
     if config.plan_target not in TARGETS:
         raise ValueError(f"plan_target={config.plan_target!r}: must be one of {sorted(TARGETS)}.")
     target = TARGETS[config.plan_target]
     hf_config = hf_config_of(config)
+    if target.platform == "gpu" and len(jax.devices("cpu")) < target.num_chips:
+        return _plan_in_subprocess(config, target.num_chips)
     devices = target_devices(target)
     capacity = (int(config.plan_capacity_gib * GIB) if config.plan_capacity_gib > 0
                 else capacity_per_device(target, devices))
@@ -262,7 +269,13 @@ def plan(config) -> dict:
             result = compile_step(config, hf_config, devices, remat=remat,
                                   mesh_shape=mesh_shape, logits_chunk_size=chunk)
         except Exception as e:  # e.g. a mesh the model does not divide: record it, try the next
-            result = {"remat_policy": remat, "mesh": dict(zip(sharding_lib.AXES, mesh_shape)),
+            try:
+                mesh_shape = sharding_lib.mesh_shape(sharding_lib.MeshConfig(*mesh_shape),
+                                                     len(devices))
+            except ValueError:
+                pass
+            mesh = dict(zip(sharding_lib.AXES, mesh_shape))
+            result = {"remat_policy": remat, "mesh": mesh,
                       "logits_chunk_size": chunk, "error": f"{type(e).__name__}: {str(e)[:500]}",
                       "fits": False}
         else:
@@ -283,6 +296,22 @@ def plan(config) -> dict:
     return out
 
 
+def _plan_in_subprocess(config, num_devices: int) -> dict:
+    """The GPU estimate in a fresh Python whose XLA_FLAGS give it `num_devices` CPU devices."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={num_devices}").strip()
+    root = os.path.dirname(os.path.dirname(ASSETS))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    subprocess.run([sys.executable, "-m", "simpo_jax.plan"], input=config.to_json(), text=True,
+                   env=env, check=True)
+    with open(os.path.join(config.output_dir, "plan.json")) as f:
+        return json.load(f)
+
+
 def _gib(b) -> str:
     return f"{b / GIB:.2f}"
 
@@ -294,16 +323,16 @@ def format_row(target: str, r: dict) -> str:
         return f"{head}: failed to compile ({r['error'][:200]})"
     return (f"{head}: params {_gib(r['params_bytes'])} + opt {_gib(r['opt_state_bytes'])} + temp "
             f"{_gib(r['temp_bytes'])} -> {_gib(r['needed_bytes'])} of {_gib(r['capacity_bytes'])} "
-            f"GiB/device ({r['kind']}), {r['model_flops_per_step'] / 1e12:.0f} model TFLOP/step, compile "
-            f"{r['compile_seconds']}s, fits={'yes' if r['fits'] else 'no'}")
+            f"GiB/device ({r['kind']}), {r['model_flops_per_step'] / 1e12:.0f} model TFLOP/step, "
+            f"compile {r['compile_seconds']}s, fits={'yes' if r['fits'] else 'no'}")
 
 
 def format_table(out: dict) -> str:
     """A Markdown table of every configuration tried (GiB per device)."""
     lines = [f"Plan for {out['model']} on {out['target']} ({out['topology']}), "
              f"{_gib(out['capacity_bytes'])} GiB per device",
-             "| remat | mesh | logits chunk | params | opt state | temp | total | kind | model TFLOP/step "
-             "| compile s | fits |", "|" + "---|" * 11]
+             "| remat | mesh | logits chunk | params | opt state | temp | total | kind "
+             "| model TFLOP/step | compile s | fits |", "|" + "---|" * 11]
     for r in out["tried"]:
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v != 1)
         if "error" in r:
@@ -311,8 +340,17 @@ def format_table(out: dict) -> str:
                          f"compile failed: {r['error'][:80]} |||||||| no |")
             continue
         lines.append(
-            f"| {r['remat_policy']} | {mesh} | {r['logits_chunk_size']} | {_gib(r['params_bytes'])} "
+            f"| {r['remat_policy']} | {mesh} | {r['logits_chunk_size']} "
+            f"| {_gib(r['params_bytes'])} "
             f"| {_gib(r['opt_state_bytes'])} | {_gib(r['temp_bytes'])} | {_gib(r['needed_bytes'])} "
             f"| {r['kind']} | {r['model_flops_per_step'] / 1e12:.0f} | {r['compile_seconds']} "
             f"| {'yes' if r['fits'] else 'no'} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the GPU estimate's subprocess: a JSON config on stdin
+    import sys
+
+    import ml_collections
+
+    plan(ml_collections.ConfigDict(json.loads(sys.stdin.read())))

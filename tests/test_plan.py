@@ -1,4 +1,4 @@
-"""The memory planner: exact sharded parameter bytes, a capacity verdict, and a real TPU AOT compile."""
+"""The memory planner: exact sharded parameter bytes, the fits verdict, a real TPU AOT compile."""
 
 import importlib.util
 import json
@@ -16,15 +16,11 @@ from simpo_jax import sharding as sharding_lib
 TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=64, tie_word_embeddings=False)
-# Until configs/base.py carries the plan fields.
-PLAN_DEFAULTS = {"plan_target": "gpu-h100x8", "plan_search": False, "plan_capacity_gib": 0.0}
 
 
 def tiny_config(tmp_path, **overrides):
     c = base.get_config()
-    for k, v in PLAN_DEFAULTS.items():
-        if k not in c:
-            setattr(c, k, v)
+    c.plan_target = "gpu-h100x8"  # the estimate path, on conftest's 8 CPU devices
     c.model_init = TINY
     c.output_dir = str(tmp_path)
     c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_length = 1, 2, 32
@@ -117,10 +113,11 @@ plan.plan(c)
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_v5e_aot_compile_reports_memory_and_flops(tmp_path):
-    # get_topology_desc works under JAX_PLATFORMS=cpu; a fresh process keeps libtpu (its machine-wide
-    # lockfile, skipped by ALLOW_MULTIPLE_LIBTPU_LOAD since other test runs may hold it) apart.
+    # get_topology_desc works under JAX_PLATFORMS=cpu; a fresh process keeps libtpu (its
+    # machine-wide lockfile, skipped by ALLOW_MULTIPLE_LIBTPU_LOAD: other runs may hold it) apart.
     env = dict(os.environ, TPU_ACCELERATOR_TYPE="v5litepod-8", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", TPU_CHECK, root, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
@@ -133,3 +130,11 @@ def test_tpu_v5e_aot_compile_reports_memory_and_flops(tmp_path):
     assert 5 * r["num_params"] * tokens < r["model_flops_per_step"] < 7 * r["num_params"] * tokens
     assert 0 < r["xla_flops_per_device"] * 8 < r["model_flops_per_step"]
     assert r["temp_bytes"] > 0 and r["params_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_estimate_runs_in_its_own_process_when_devices_are_missing(tmp_path):
+    # What --mode=plan does when Python started without 8 CPU devices.
+    out = plan_lib._plan_in_subprocess(tiny_config(tmp_path), 8)
+    (r,) = out["tried"]
+    assert r["kind"] == "estimate" and r["num_devices"] == 8 and r["params_bytes"] > 0
