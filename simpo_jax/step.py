@@ -4,6 +4,9 @@ Batch (from simpo_jax.data), B pairs, T tokens:
   input_ids [B, 2, T] int32 (0 = prompt+chosen, 1 = prompt+rejected, right-padded),
   completion_start [B, 2], lengths [B, 2] int32 (scored tokens are [start, length)),
   pair_mask [B] float32 (0 for padding pairs).
+Packed rows (batch_layout "packed" or "shared_prompt", R rows): see simpo_jax/packing.py;
+`pair_forward` and the steps tell the formats apart by their keys, `batch_shardings(mesh, layout)`
+shards either.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from simpo_jax import loss as loss_lib
 from simpo_jax import sharding as sharding_lib
 
 BATCH_KEYS = ("input_ids", "completion_start", "lengths", "pair_mask")
+PACKED_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "score_index",
+               "score_target", "score_slot", "prompt_lengths", "completion_lengths", "pair_mask")
+BATCH_LAYOUTS = ("padded", "packed", "shared_prompt")
 
 
 @flax.struct.dataclass
@@ -37,6 +43,18 @@ def pair_forward(graphdef, params, batch, cfg: loss_lib.LossConfig, logits_chunk
     logits_chunk_size > 0 applies the LM head that many positions at a time (never materialising
     full-sequence logits); 0 computes all logits at once.
     """
+    logps, counts, mean_logits, token_sums, pair_mask = pair_stats(graphdef, params, batch,
+                                                                   logits_chunk_size)
+    return loss_lib.pair_metric_sums(logps, counts, mean_logits, pair_mask, token_sums, cfg)
+
+
+def pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
+    """Per pair [pairs, 2]: avg completion logp, scored tokens, mean logit, summed logp; pair mask.
+
+    Either batch format; packed rows give R * max_pairs_per_row pair slots (row-major).
+    """
+    if is_packed(batch):
+        return packed_pair_stats(graphdef, params, batch, logits_chunk_size)
     model = nnx.merge(graphdef, params)
     ids = batch["input_ids"]
     b, two, t = ids.shape
@@ -51,14 +69,90 @@ def pair_forward(graphdef, params, batch, cfg: loss_lib.LossConfig, logits_chunk
         logits = model(flat_ids, mask)
         logps, counts, mean_logits = loss_lib.sequence_stats(logits, flat_ids, starts, lengths)
     logps, counts, mean_logits = (x.reshape(b, two) for x in (logps, counts, mean_logits))
-    token_sums = logps * counts
-    return loss_lib.pair_metric_sums(logps, counts, mean_logits, batch["pair_mask"], token_sums, cfg)
+    return logps, counts, mean_logits, logps * counts, batch["pair_mask"]
+
+
+def is_packed(batch) -> bool:
+    return "segment_ids" in batch
+
+
+def scored_token_stats(h_RND, head, targets_RN, chunk_size: int = 0):
+    """Per scored token (log p(target), mean logit) [R, N] from gathered hidden states [R, N, D].
+
+    The head always sees a 2-D [rows, D] activation (XLA CPU runs a 3-D head matmul over a sliced
+    activation several times slower); chunk_size > 0 applies it to [R * chunk_size, D] at a time,
+    recomputed in the backward pass, so [R, N, V] float32 logits never exist.
+    """
+    r, n, d = h_RND.shape
+
+    def stats(h, tgt):
+        logits = head(h).astype(jnp.float32)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
+        return picked - logz, jax.lax.stop_gradient(logits.mean(-1))
+
+    if not chunk_size or chunk_size >= n:
+        logps, mean_logits = stats(h_RND.reshape(r * n, d), targets_RN.reshape(-1))
+        return logps.reshape(r, n), mean_logits.reshape(r, n)
+    num_chunks = -(-n // chunk_size)
+    pad = num_chunks * chunk_size - n
+    h = jnp.pad(h_RND, ((0, 0), (0, pad), (0, 0)))
+    h = h.reshape(r, num_chunks, chunk_size, d).swapaxes(0, 1)  # [chunks, R, C, D]: R stays sharded
+    tgt = jnp.pad(targets_RN, ((0, 0), (0, pad))).reshape(r, num_chunks, chunk_size).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h_c, t_c = args
+        logps, mean_logits = stats(h_c.reshape(r * chunk_size, d), t_c.reshape(-1))
+        return logps.reshape(r, chunk_size), mean_logits.reshape(r, chunk_size)
+
+    logps, mean_logits = jax.lax.map(one, (h, tgt))
+    return (logps.swapaxes(0, 1).reshape(r, -1)[:, :n],
+            mean_logits.swapaxes(0, 1).reshape(r, -1)[:, :n])
+
+
+def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
+    """`pair_stats` of packed / shared-prompt rows: the LM head runs on scored tokens only."""
+    model = nnx.merge(graphdef, params)
+    segments = batch["segment_ids"]
+    hidden = model.hidden_states(batch["input_ids"], (segments > 0).astype(jnp.int32),
+                                 positions=batch["positions"], segment_ids=segments,
+                                 branch_ids=batch["branch_ids"])
+    h = jnp.take_along_axis(hidden, batch["score_index"][..., None], axis=1)  # [R, N, D]
+    tok_logps, tok_mean_logits = scored_token_stats(h, model.logits_from_hidden,
+                                                    batch["score_target"], logits_chunk_size)
+    r, p = batch["pair_mask"].shape
+    # Per-row sums into (pair slot, side) by a one-hot contraction: local to each row (shard).
+    onehot = jax.nn.one_hot(batch["score_slot"], 2 * p, dtype=jnp.float32)  # slot -1: all zeros
+    token_sums, counts, logit_sums = (
+        jnp.einsum("rn,rnk->rk", x, onehot).reshape(r * p, 2)
+        for x in (tok_logps, jnp.ones_like(tok_logps), tok_mean_logits))
+    safe = jnp.maximum(counts, 1.0)
+    return (token_sums / safe, counts, logit_sums / safe, token_sums,
+            batch["pair_mask"].reshape(-1))
+
+
+def _completion_counts(batch):
+    """([pairs, 2] completion lengths, [pairs] pair mask) of either batch format."""
+    if is_packed(batch):
+        return (batch["completion_lengths"].reshape(-1, 2).astype(jnp.float32),
+                batch["pair_mask"].reshape(-1))
+    counts = jnp.maximum(batch["lengths"] - batch["completion_start"], 0).astype(jnp.float32)
+    return counts, batch["pair_mask"]
+
+
+def _num_tokens(batch):
+    """Tokens of real pairs, prompt counted with each completion (as the padded layout's lengths)."""
+    if is_packed(batch):
+        per_pair = 2 * batch["prompt_lengths"] + batch["completion_lengths"].sum(-1)
+        return jnp.sum(per_pair * batch["pair_mask"])
+    return jnp.sum(batch["lengths"] * batch["pair_mask"][:, None])
 
 
 def _denominators(batch):
     """Valid pairs and chosen tokens of the whole (global) batch, known before the forward pass."""
-    counts = jnp.maximum(batch["lengths"] - batch["completion_start"], 0).astype(jnp.float32)
-    valid = batch["pair_mask"] * (counts[:, 0] > 0) * (counts[:, 1] > 0)
+    counts, pair_mask = _completion_counts(batch)
+    valid = pair_mask * (counts[:, 0] > 0) * (counts[:, 1] > 0)
     return jnp.maximum(valid.sum(), 1.0), jnp.maximum((counts[:, 0] * valid).sum(), 1.0)
 
 
@@ -107,7 +201,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     metrics = loss_lib.finalize_metrics(sums, cfg)
     metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = schedule(state.step)
-    metrics["num_tokens"] = jnp.sum(batch["lengths"] * batch["pair_mask"][:, None])
+    metrics["num_tokens"] = _num_tokens(batch)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -118,8 +212,12 @@ def eval_sums(params, batch, *, graphdef, cfg: loss_lib.LossConfig, logits_chunk
     return sums
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    """Pairs split over data x fsdp; chosen and rejected of a pair stay on one device."""
+def batch_shardings(mesh: Mesh, layout: str = "padded") -> dict[str, NamedSharding]:
+    """Pairs (or packed rows) split over data x fsdp; chosen and rejected of a pair stay together."""
+    if layout not in BATCH_LAYOUTS:
+        raise ValueError(f"batch_layout={layout!r}; valid: {', '.join(BATCH_LAYOUTS)}.")
+    if layout != "padded":
+        return {k: NamedSharding(mesh, P(sharding_lib.BATCH_AXES)) for k in PACKED_KEYS}
     return {
         "input_ids": NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None, None)),
         "completion_start": NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None)),
@@ -149,15 +247,15 @@ def init_state(params, tx) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def jit_train_step(mesh, abstract_state, **kwargs):
+def jit_train_step(mesh, abstract_state, batch_layout: str = "padded", **kwargs):
     """The train step, jitted once with explicit in/out shardings and the state donated."""
     state_sh = state_shardings(mesh, abstract_state)
     fn = functools.partial(train_step, **kwargs)
-    return jax.jit(fn, in_shardings=(state_sh, batch_shardings(mesh)),
+    return jax.jit(fn, in_shardings=(state_sh, batch_shardings(mesh, batch_layout)),
                    out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=(0,)), state_sh
 
 
-def jit_eval_step(mesh, param_sh, **kwargs):
+def jit_eval_step(mesh, param_sh, batch_layout: str = "padded", **kwargs):
     fn = functools.partial(eval_sums, **kwargs)
-    return jax.jit(fn, in_shardings=(param_sh, batch_shardings(mesh)),
+    return jax.jit(fn, in_shardings=(param_sh, batch_shardings(mesh, batch_layout)),
                    out_shardings=sharding_lib.replicated(mesh))

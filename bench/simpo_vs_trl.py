@@ -1,0 +1,263 @@
+"""Our SimPO train step (padded / packed / shared_prompt rows) against TRL's CPOTrainer, one run.
+
+    /work/venv/bin/python bench/simpo_vs_trl.py            # all three layouts, ~5-10 min on 2 cores
+    /work/venv/bin/python bench/simpo_vs_trl.py --layout packed --steps 3
+
+Both sides load the same locally made Hugging Face Llama (~20M parameters, 32k vocabulary, float32)
+and train on the same pairs (random words from a 32k word-level tokenizer; prompt, chosen and
+rejected 50-150 tokens each), tokenized once by TRL. TRL: CPOTrainer(loss_type="simpo",
+cpo_alpha=0, simpo_gamma=beta*gamma_beta_ratio), timed over compute_loss + backward + AdamW step on
+its own collated batches. Ours: the jitted train step (block_until_ready), compile and warm-up of
+every batch shape excluded. Steps are interleaved (TRL, then each layout) so load from other
+processes hits all alike. Throughput counts pair tokens (prompt + chosen + prompt + rejected of the
+step's pairs): the padded-equivalent work, the same measure for every side. MFU = model FLOPs per
+token (simpo_jax.flops) x pair tokens/s / the FLOP/s of a 2048x2048 float32 matmul measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from simpo_jax import flops, models, optim, packing  # noqa: E402
+from simpo_jax import loss as loss_lib  # noqa: E402
+from simpo_jax import sharding as sharding_lib  # noqa: E402
+from simpo_jax import step as step_lib  # noqa: E402
+from simpo_jax.data import TokenizedPairs, train_batches  # noqa: E402
+
+VOCAB = 32000
+MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+BETA, GAMMA_BETA_RATIO, LEARNING_RATE = 2.0, 0.5, 1e-5
+LENGTHS = (50, 150)  # tokens of prompt, chosen and rejected, uniform
+LAYOUTS = ("padded", "packed", "shared_prompt")
+
+
+def make_tokenizer(path: str):
+    """A 32k word-level tokenizer: words w4..w31999, one token each."""
+    import tokenizers
+    import transformers
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special)} | {f"w{i}": i for i in range(len(special), VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                                                eos_token="</s>", pad_token="<pad>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path: str, tok):
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**MODEL, pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).float().save_pretrained(path)
+
+
+def make_rows(num_pairs: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+
+    def text():
+        return " ".join(f"w{i}" for i in rng.integers(4, VOCAB, rng.integers(*LENGTHS) + 1))
+
+    rows = [(text(), text(), text()) for _ in range(num_pairs)]
+    return {k: [r[i] for r in rows] for i, k in enumerate(("prompt", "chosen", "rejected"))}
+
+
+def pairs_from_trl(dataset) -> TokenizedPairs:
+    """Our pairs from TRL's tokenized dataset, so both sides train on identical token ids."""
+    prompts, chosen, rejected = [], [], []
+    for row in dataset:
+        n = sum(1 for x in row["chosen_labels"] if x == -100)
+        c = np.asarray(row["chosen_input_ids"], np.int32)
+        r = np.asarray(row["rejected_input_ids"], np.int32)
+        m = sum(1 for x in row["rejected_labels"] if x == -100)
+        assert n == m and np.array_equal(c[:n], r[:m])
+        prompts.append(c[:n])
+        chosen.append(c[n:])
+        rejected.append(r[m:])
+    return TokenizedPairs(prompts, chosen, rejected, [f"bench:{i}" for i in range(len(prompts))])
+
+
+class TRLSide:
+    def __init__(self, model_path, tok, rows, pairs_per_step, out_dir):
+        import datasets
+        import transformers
+        from trl.experimental import cpo
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32)
+        args = cpo.CPOConfig(output_dir=out_dir, loss_type="simpo", cpo_alpha=0.0, beta=BETA,
+                             simpo_gamma=BETA * GAMMA_BETA_RATIO, max_length=512,
+                             per_device_train_batch_size=pairs_per_step, report_to=[],
+                             use_cpu=True, remove_unused_columns=False,
+                             learning_rate=LEARNING_RATE)
+        self.trainer = cpo.CPOTrainer(model=self.model, args=args,
+                                      train_dataset=datasets.Dataset.from_dict(rows),
+                                      processing_class=tok)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE,
+                                           weight_decay=0.0)
+        self.batches = iter(self.trainer.get_train_dataloader())
+        self.model.train()
+
+    def step(self) -> tuple[float, int]:
+        batch = next(self.batches)
+        start = time.perf_counter()
+        loss = self.trainer.compute_loss(self.model, batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+        return seconds, tokens
+
+
+class OurSide:
+    def __init__(self, model_path, pairs, layout, pairs_per_step, rows_per_step, chunk, steps):
+        model = models.from_pretrained(model_path)
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        tx, schedule = optim.make_optimizer(optim.OptimConfig(
+            learning_rate=LEARNING_RATE, lr_scheduler_type="constant_with_warmup",
+            warmup_ratio=0.0, warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+            adam_epsilon=1e-8, max_grad_norm=1e9), total_steps=1000)
+        mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
+        abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+        cfg = loss_lib.LossConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO)
+        self.fn, state_sh = step_lib.jit_train_step(
+            mesh, abstract, batch_layout=layout, graphdef=self.graphdef, tx=tx,
+            schedule=schedule, cfg=cfg, accumulation_steps=1, logits_chunk_size=chunk)
+        self.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+        self.shardings = step_lib.batch_shardings(mesh, layout)
+        self.layout, self.row_length = layout, 0
+        if layout == "padded":
+            it = train_batches(pairs, batch_size=pairs_per_step, seed=0, pad_id=0, max_length=512)
+        else:
+            items = packing.item_lengths(pairs, layout)
+            # Rows of the length that holds pairs_per_step pairs on average (at ~96% filled).
+            self.row_length = max(int(items.max()), 128 * -(-int(
+                pairs_per_step * items.mean() / (rows_per_step * 0.96)) // 128))
+            it = packing.train_batches(pairs, layout=layout, rows_per_process=rows_per_step,
+                                       seed=0, pad_id=0, row_length=self.row_length,
+                                       max_pairs_per_row=32)
+        self.batches = [next(it) for _ in range(steps)]
+        self.next = 0
+
+    def _put(self, batch):
+        return {k: jax.device_put(v, self.shardings[k]) for k, v in batch.items()}
+
+    def warm_up(self):
+        """Compiles (and runs once) every batch shape the timed steps will see."""
+        seen = set()
+        for batch in self.batches:
+            shape = tuple(v.shape for v in batch.values())
+            if shape not in seen:
+                seen.add(shape)
+                self.state, metrics = self.fn(self.state, self._put(batch))
+                jax.block_until_ready(metrics)
+
+    def step(self) -> tuple[float, int]:
+        batch = self.batches[self.next % len(self.batches)]
+        self.next += 1
+        device_batch = self._put(batch)
+        jax.block_until_ready(device_batch)
+        start = time.perf_counter()
+        self.state, metrics = self.fn(self.state, device_batch)
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - start
+        if self.layout == "padded":
+            return seconds, int(batch["lengths"].sum())
+        return seconds, packing.pair_tokens(batch)
+
+    def pairs_per_step(self) -> float:
+        return float(np.mean([b["pair_mask"].sum() for b in self.batches]))
+
+    def fill(self) -> float:
+        """Real tokens / computed slots of the timed batches."""
+        if self.layout == "padded":
+            return float(np.mean([b["lengths"].sum() / b["input_ids"].size for b in self.batches]))
+        return float(np.mean([packing.packing_efficiency(b) for b in self.batches]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS))
+    parser.add_argument("--pairs-per-step", type=int, default=8)
+    parser.add_argument("--rows-per-step", type=int, default=2, help="packed layouts")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    parser.add_argument("--logits-chunk-size", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    work = tempfile.mkdtemp(prefix="simpo_bench_")
+    tok = make_tokenizer(os.path.join(work, "model"))
+    make_model(os.path.join(work, "model"), tok)
+    num_pairs = max(args.pairs_per_step * (args.steps + 4) * 2, 384)  # enough to pack tightly
+    trl_side = TRLSide(os.path.join(work, "model"), tok, make_rows(num_pairs),
+                       args.pairs_per_step, os.path.join(work, "trl"))
+    pairs = pairs_from_trl(trl_side.trainer.train_dataset)
+    ours = {layout: OurSide(os.path.join(work, "model"), pairs, layout, args.pairs_per_step,
+                            args.rows_per_step, args.logits_chunk_size, args.steps)
+            for layout in args.layout}
+    arch, _ = models.arch_from_hf_config(MODEL | {"model_type": "llama"})
+    print(f"model: llama {flops.non_embedding_params(arch) / 1e6:.1f}M non-embedding + "
+          f"{VOCAB * MODEL['hidden_size'] / 1e6:.1f}M embedding parameters, float32; "
+          f"{pairs.num_pairs} pairs; jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+
+    t0 = time.perf_counter()
+    for side in ours.values():
+        side.warm_up()
+    trl_side.step()  # warm-up
+    print(f"compile + warm-up: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    times = {name: [] for name in ["trl", *ours]}
+    tokens = {name: [] for name in times}
+    for _ in range(args.steps):  # interleaved: TRL, then each of our layouts
+        for name in times:
+            s, n = (trl_side if name == "trl" else ours[name]).step()
+            times[name].append(s)
+            tokens[name].append(n)
+
+    peak = flops.measured_matmul_flops(2048)
+    seq_len = int(np.mean([len(p) + len(c) for p, c in zip(pairs.prompt_ids, pairs.chosen_ids)]))
+    per_token = flops.model_flops_per_token(arch, seq_len=seq_len)
+    print(f"peak (2048x2048 float32 matmul, measured now): {peak / 1e9:.1f} GFLOP/s; "
+          f"model FLOPs per token {per_token / 1e6:.1f}M (seq_len {seq_len})")
+    header = (f"{'side':<22}{'pairs/step':>11}{'fill':>7}{'median s':>10}{'pair tok/s':>12}"
+              f"{'pairs/s':>9}{'MFU':>8}")
+    print(header)
+    rate = {}
+    for name in times:
+        tok_s = sum(tokens[name]) / sum(times[name])
+        pps = (args.pairs_per_step if name == "trl" else ours[name].pairs_per_step())
+        rate[name] = tok_s
+        fill = "-" if name == "trl" else f"{ours[name].fill():.0%}"
+        label = name if name in ("trl", "padded") else f"{name} (T={ours[name].row_length})"
+        print(f"{label:<22}{pps:>11.1f}{fill:>7}{statistics.median(times[name]):>10.3f}"
+              f"{tok_s:>12.0f}{pps * len(times[name]) / sum(times[name]):>9.2f}"
+              f"{per_token * tok_s / peak:>8.1%}")
+    for name in ours:
+        print(f"{name}: throughput ratio vs TRL: {rate[name] / rate['trl']:.2f}x")
+    best = max(ours, key=rate.get)
+    print(f"best layout: {best}")
+    print(f"throughput ratio vs TRL: {rate[best] / rate['trl']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

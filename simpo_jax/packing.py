@@ -1,0 +1,210 @@
+"""Padding-free pair batches: fixed-length rows holding several pairs; order a pure function of (seed, step).
+
+Layouts (config `batch_layout`; "padded" is data/batching.py):
+  packed:        [prompt+chosen][prompt+rejected] per pair, each sequence its own segment;
+  shared_prompt: [prompt | chosen | rejected] per pair, one segment, branch ids 0 / 1 / 2, so each
+                 completion sees the prompt (encoded once) and never the other completion; the
+                 rejected positions restart at len(prompt).
+Both keep chosen and rejected of a pair in one row, so rows shard over the batch axes like pairs.
+
+Row batch (numpy), R rows of this process, T = row_length, P = max_pairs_per_row, N scored slots:
+  input_ids, positions, segment_ids (0 = padding), branch_ids  int32 [R, T];
+  score_index int32 [R, N]: row index of the hidden state predicting a scored completion token,
+  score_target int32 [R, N]: that token, score_slot int32 [R, N]: 2 * pair slot + side (0 chosen,
+  1 rejected), -1 for unused slots. N is the step's largest per-row count, rounded up to T/8, so
+  only a few shapes compile and the LM head runs on completion tokens only;
+  prompt_lengths int32 [R, P], completion_lengths int32 [R, P, 2], pair_mask float32 [R, P].
+Scored tokens are those of the padded layout: completion tokens with index >= 1 in their sequence.
+
+A step is a fixed number of rows, so the number of pairs per step varies; the loss is the mean
+over the step's pairs, exactly as in the padded layout. Each epoch shuffles the pairs, packs them
+first-fit-decreasing inside windows of WINDOW_PAIRS, shuffles the rows and cuts them into steps; the
+last step of an epoch is filled with empty rows, so every pair is trained once per epoch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LAYOUTS = ("packed", "shared_prompt")
+WINDOW_PAIRS = 1024  # pairs packed together: larger packs tighter, smaller shuffles more
+SCORE_BUCKETS = 8  # N is a multiple of row_length / SCORE_BUCKETS
+
+
+def item_lengths(pairs, layout: str) -> np.ndarray:
+    """Tokens one pair takes in a row."""
+    _check_layout(layout)
+    p, c, r = (np.array([len(x) for x in part], np.int64)
+               for part in (pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids))
+    return 2 * p + c + r if layout == "packed" else p + c + r
+
+
+def pack(lengths: np.ndarray, row_length: int, max_pairs_per_row: int, rng) -> list:
+    """Rows (arrays of pair indices): shuffled, first-fit decreasing inside windows, rows shuffled."""
+    order = rng.permutation(len(lengths))
+    rows = []
+    for start in range(0, len(order), WINDOW_PAIRS):
+        window = order[start:start + WINDOW_PAIRS]
+        window = window[np.argsort(-lengths[window], kind="stable")]
+        free = np.zeros(len(window), np.int64)  # tokens left per open row; -1 once a row is full
+        members: list = []
+        for i in window:
+            fits = np.flatnonzero(free[:len(members)] >= lengths[i])
+            if len(fits):
+                k = fits[0]
+            else:
+                k = len(members)
+                members.append([])
+                free[k] = row_length
+            members[k].append(i)
+            free[k] -= lengths[i]
+            if len(members[k]) == max_pairs_per_row:
+                free[k] = -1
+        rows.extend(np.array(m, np.int64) for m in members)
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def epoch_plan(lengths, *, global_rows: int, row_length: int, max_pairs_per_row: int, seed: int,
+               epoch: int) -> list:
+    """[steps][global_rows] arrays of pair indices; the last step is topped up with empty rows."""
+    rows = pack(lengths, row_length, max_pairs_per_row, np.random.default_rng([seed, epoch]))
+    rows += [np.zeros(0, np.int64)] * (-len(rows) % global_rows)
+    return [rows[i:i + global_rows] for i in range(0, len(rows), global_rows)]
+
+
+def steps_per_epoch(pairs, *, layout: str, global_rows: int, row_length: int,
+                    max_pairs_per_row: int, seed: int, epoch: int = 0) -> int:
+    """Steps of one epoch (varies a little between epochs: the packing differs)."""
+    return len(epoch_plan(item_lengths(pairs, layout), global_rows=global_rows,
+                          row_length=row_length, max_pairs_per_row=max_pairs_per_row, seed=seed,
+                          epoch=epoch))
+
+
+def train_batches(pairs, *, layout: str, rows_per_process: int, seed: int, pad_id: int,
+                  row_length: int, max_pairs_per_row: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1):
+    """This process's rows of global step start_step, start_step + 1, ... forever.
+
+    Epochs follow each other; resuming at step k replays only the (cheap) packing of earlier epochs.
+    """
+    lengths = item_lengths(pairs, layout)
+    too_long = np.flatnonzero(lengths > row_length)
+    if len(too_long):
+        raise ValueError(f"pack_row_length={row_length} is shorter than pair {too_long[0]} "
+                         f"({lengths[too_long[0]]} tokens in layout {layout!r}); set "
+                         f"pack_row_length >= {int(lengths.max())} (2 * max_length always fits).")
+    global_rows = rows_per_process * process_count
+    plan_args = dict(global_rows=global_rows, row_length=row_length,
+                     max_pairs_per_row=max_pairs_per_row, seed=seed)
+    epoch, first = 0, 0  # first: global step at which `epoch` starts
+    plan = epoch_plan(lengths, epoch=epoch, **plan_args)
+    step = start_step
+    while True:
+        while step >= first + len(plan):
+            first += len(plan)
+            epoch += 1
+            plan = epoch_plan(lengths, epoch=epoch, **plan_args)
+        rows = plan[step - first]
+        width = score_width([scored_count(pairs, r) for r in rows], row_length)
+        local = rows[process_index * rows_per_process:(process_index + 1) * rows_per_process]
+        yield make_rows(pairs, local, layout=layout, pad_id=pad_id, row_length=row_length,
+                        max_pairs_per_row=max_pairs_per_row, score_width=width)
+        step += 1
+
+
+def scored_count(pairs, row) -> int:
+    """Scored completion tokens of one row (the same in both layouts)."""
+    return int(sum(_scored(len(pairs.prompt_ids[i]), len(c))
+                   for i in row for c in (pairs.chosen_ids[i], pairs.rejected_ids[i])))
+
+
+def score_width(counts, row_length: int) -> int:
+    step = max(row_length // SCORE_BUCKETS, 1)
+    return min(max(-(-max(counts, default=1) // step) * step, step), row_length)
+
+
+def _scored(prompt: int, completion: int) -> int:
+    return completion - (prompt == 0 and completion > 0)  # a first token at index 0 has no predictor
+
+
+def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pairs_per_row: int,
+              score_width: int) -> dict:
+    """The row batch of `rows` (each an array of pair indices); format in the module docstring."""
+    _check_layout(layout)
+    r, t, p, n = len(rows), row_length, max_pairs_per_row, score_width
+    out = {k: np.zeros((r, t), np.int32) for k in ("positions", "segment_ids", "branch_ids")}
+    out["input_ids"] = np.full((r, t), pad_id, np.int32)
+    out["score_index"] = np.zeros((r, n), np.int32)
+    out["score_target"] = np.full((r, n), pad_id, np.int32)
+    out["score_slot"] = np.full((r, n), -1, np.int32)
+    out["prompt_lengths"] = np.zeros((r, p), np.int32)
+    out["completion_lengths"] = np.zeros((r, p, 2), np.int32)
+    out["pair_mask"] = np.zeros((r, p), np.float32)
+    for b, row in enumerate(rows):
+        if len(row) > p:
+            raise ValueError(f"A row holds {len(row)} pairs, more than pack_max_pairs_per_row={p}.")
+        at, scored, segment = 0, [], 0
+        for slot, i in enumerate(row):
+            prompt, completions = pairs.prompt_ids[i], (pairs.chosen_ids[i], pairs.rejected_ids[i])
+            lp = len(prompt)
+            out["prompt_lengths"][b, slot] = lp
+            out["completion_lengths"][b, slot] = [len(c) for c in completions]
+            out["pair_mask"][b, slot] = 1.0
+            if layout == "shared_prompt":
+                segment += 1
+                _put(out, b, at, prompt, np.arange(lp), segment, 0)
+                at += lp
+                prompt_end = at - 1
+            for side, comp in enumerate(completions):
+                lc = len(comp)
+                if layout == "packed":
+                    segment += 1
+                    _put(out, b, at, prompt, np.arange(lp), segment, 0)
+                    at += lp
+                    prompt_end = at - 1
+                    branch = 0
+                else:
+                    branch = side + 1
+                _put(out, b, at, comp, lp + np.arange(lc), segment, branch)
+                # Completion token k sits at `at + k`; the token before it in its own sequence
+                # predicts it: for k = 0 the last prompt token (in shared_prompt, for the rejected
+                # side, not the token before it in the row).
+                src = at + np.arange(lc) - 1
+                if lc:
+                    src[0] = prompt_end
+                k0 = 1 if lp == 0 else 0
+                scored.append((src[k0:], comp[k0:], np.full(lc - k0, 2 * slot + side)))
+                at += lc
+        if scored:
+            src, tgt, slot_ids = (np.concatenate(x) for x in zip(*scored))
+            m = len(src)
+            if m > n:
+                raise ValueError(f"score_width={n} is smaller than a row's {m} scored tokens.")
+            out["score_index"][b, :m], out["score_target"][b, :m] = src, tgt
+            out["score_slot"][b, :m] = slot_ids
+    return out
+
+
+def _put(out, b, at, tokens, positions, segment, branch):
+    end = at + len(tokens)
+    out["input_ids"][b, at:end] = tokens
+    out["positions"][b, at:end] = positions
+    out["segment_ids"][b, at:end] = segment
+    out["branch_ids"][b, at:end] = branch
+
+
+def packing_efficiency(batch: dict) -> float:
+    """Real tokens / row slots (segment id 0 is padding)."""
+    return float((batch["segment_ids"] > 0).mean())
+
+
+def pair_tokens(batch: dict) -> int:
+    """Tokens of the padded-equivalent work: prompt + chosen + prompt + rejected of real pairs."""
+    per_pair = 2 * batch["prompt_lengths"] + batch["completion_lengths"].sum(-1)
+    return int((per_pair * batch["pair_mask"]).sum())
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"batch_layout={layout!r} has no packed rows; packed layouts: {LAYOUTS} "
+                         "('padded' batches come from simpo_jax.data.train_batches).")

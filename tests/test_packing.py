@@ -1,0 +1,208 @@
+"""Packed and shared-prompt rows equal the padded layout (logps, loss, gradients); packing order."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from simpo_jax import loss as loss_lib
+from simpo_jax import models
+from simpo_jax import optim
+from simpo_jax import packing
+from simpo_jax import sharding as sharding_lib
+from simpo_jax import step as step_lib
+from simpo_jax.data import TokenizedPairs
+from simpo_jax.data.batching import make_batch
+
+LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, tie_word_embeddings=False)
+GEMMA2 = dict(model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=2.0,
+              final_logit_softcapping=3.0, max_position_embeddings=128)
+LOSS = loss_lib.LossConfig(beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.1)
+ROW, MAX_PAIRS = 64, 8
+
+
+def random_pairs(n, seed=0, prompt=(1, 12), completion=(1, 12)):
+    rng = np.random.default_rng(seed)
+
+    def ids(lo, hi):
+        return rng.integers(3, LLAMA["vocab_size"], rng.integers(lo, hi + 1)).astype(np.int32)
+
+    return TokenizedPairs(prompt_ids=[ids(*prompt) for _ in range(n)],
+                          chosen_ids=[ids(*completion) for _ in range(n)],
+                          rejected_ids=[ids(*completion) for _ in range(n)],
+                          sources=[f"test:{i}" for i in range(n)])
+
+
+def edge_pairs(n=12):
+    """Random pairs plus the edges: an empty prompt, an empty rejected completion (invalid pair)."""
+    pairs = random_pairs(n)
+    pairs.prompt_ids[3] = pairs.prompt_ids[3][:0]
+    pairs.rejected_ids[5] = pairs.rejected_ids[5][:0]
+    return pairs
+
+
+def both_batches(pairs, layout, rows_multiple=1):
+    """The padded batch of all pairs, the row batch of all pairs, and each slot's pair index."""
+    padded = make_batch(pairs, np.arange(pairs.num_pairs), np.ones(pairs.num_pairs), 0,
+                        int(pairs.lengths().max()))
+    rows = packing.pack(packing.item_lengths(pairs, layout), ROW, MAX_PAIRS,
+                        np.random.default_rng(0))
+    rows += [np.zeros(0, np.int64)] * (-len(rows) % rows_multiple)
+    width = packing.score_width([packing.scored_count(pairs, r) for r in rows], ROW)
+    packed = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=ROW,
+                               max_pairs_per_row=MAX_PAIRS, score_width=width)
+    slot_pair = np.full(len(rows) * MAX_PAIRS, -1)
+    for b, row in enumerate(rows):
+        slot_pair[b * MAX_PAIRS:b * MAX_PAIRS + len(row)] = row
+    return padded, packed, slot_pair
+
+
+def objective(graphdef, chunk):
+    def fn(params, batch):
+        num_pairs, num_sft = step_lib._denominators(batch)
+        sums, nll, _ = step_lib.pair_forward(graphdef, params, batch, LOSS, chunk)
+        return sums["simpo_loss"] / num_pairs + LOSS.sft_weight * nll / num_sft, sums
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))
+
+
+@pytest.mark.parametrize("config,layout", [
+    pytest.param(LLAMA, "packed", id="llama-packed"),
+    pytest.param(GEMMA2, "shared_prompt", id="gemma2_window4-shared_prompt"),
+    pytest.param(LLAMA, "shared_prompt", id="llama-shared_prompt", marks=pytest.mark.slow),
+    pytest.param(GEMMA2, "packed", id="gemma2_window4-packed", marks=pytest.mark.slow),
+])
+def test_rows_equal_padded(config, layout):
+    pairs = edge_pairs()
+    graphdef, params = nnx.split(models.from_config(config, seed=1), nnx.Param)
+    padded, packed, slot_pair = both_batches(pairs, layout)
+    assert packing.pair_tokens(packed) == int(padded["lengths"].sum())
+    stats = jax.jit(step_lib.pair_stats, static_argnums=(0, 3))
+    ref = [np.asarray(x) for x in stats(graphdef, params, padded, 0)]
+    got = [np.asarray(x) for x in stats(graphdef, params, packed, 5)]  # chunked head on rows
+    real = slot_pair >= 0
+    assert sorted(slot_pair[real]) == list(range(pairs.num_pairs))
+    for r, g in zip(ref[:4], got[:4]):  # avg logps, counts, mean logits, summed logps
+        np.testing.assert_allclose(g[real], r[slot_pair[real]], rtol=1e-5, atol=1e-5)
+    assert not got[4][~real].any()
+
+    fn = objective(graphdef, 0)
+    (loss_ref, sums_ref), g_ref = fn(params, padded)
+    (loss_rows, sums_rows), g_rows = objective(graphdef, 16)(params, packed)
+    np.testing.assert_allclose(float(loss_rows), float(loss_ref), rtol=1e-5, atol=1e-6)
+    assert float(sums_rows["pairs"]) == float(sums_ref["pairs"]) == pairs.num_pairs - 1
+    for k in sums_ref:
+        np.testing.assert_allclose(float(sums_rows[k]), float(sums_ref[k]), rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 g_rows, g_ref)
+
+
+def test_sharded_train_step_equals_padded():
+    """The jitted step on a 2x2x2 mesh, accumulating 2 micro-batches of rows: padded's metrics."""
+    pairs = random_pairs(16, seed=4)
+    padded, packed, _ = both_batches(pairs, "shared_prompt", rows_multiple=8)
+    tx, schedule = optim.make_optimizer(optim.OptimConfig(
+        learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_ratio=0.0, warmup_steps=0,
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        max_grad_norm=1e9), total_steps=10)
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(2, 2, 2))
+    out = {}
+    for layout, batch, accumulation in (("padded", padded, 1), ("shared_prompt", packed, 2)):
+        graphdef, params = nnx.split(models.from_config(LLAMA, seed=3), nnx.Param)
+        abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+        fn, state_sh = step_lib.jit_train_step(
+            mesh, abstract, batch_layout=layout, graphdef=graphdef, tx=tx, schedule=schedule,
+            cfg=LOSS, accumulation_steps=accumulation, logits_chunk_size=8)
+        state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+        sh = step_lib.batch_shardings(mesh, layout)
+        _, metrics = fn(state, {k: jax.device_put(v, sh[k]) for k, v in batch.items()})
+        out[layout] = {k: float(v) for k, v in metrics.items()}
+    for k, v in out["padded"].items():
+        assert out["shared_prompt"][k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
+
+
+def test_head_sees_only_scored_tokens_as_2d():
+    """The compiled head matmul is [R*N, D] x [D, V] with N < T (no full-sequence logits)."""
+    pairs = random_pairs(12, seed=2)
+    _, packed, _ = both_batches(pairs, "packed")
+    graphdef, params = nnx.split(models.from_config(LLAMA, seed=1), nnx.Param)
+    r, n = packed["score_index"].shape
+    assert n < ROW
+    text = jax.jit(step_lib.pair_stats, static_argnums=(0, 3)).lower(
+        graphdef, params, packed, 0).as_text()
+    assert f"tensor<{r * n}x{LLAMA['vocab_size']}xf32>" in text
+    assert f"tensor<{r}x{ROW}x{LLAMA['vocab_size']}xf32>" not in text
+    assert f"tensor<{r}x{n}x{LLAMA['vocab_size']}xf32>" not in text
+
+
+BENCH_LIKE = dict(prompt=(50, 150), completion=(50, 150))  # bench/simpo_vs_trl.py's lengths
+
+
+@pytest.mark.parametrize("layout,row_length", [("packed", 2048), ("shared_prompt", 1024)])
+def test_packing_efficiency_on_bench_lengths(layout, row_length):
+    pairs = random_pairs(2000, seed=1, **BENCH_LIKE)
+    lengths = packing.item_lengths(pairs, layout)
+    plan = packing.epoch_plan(lengths, global_rows=8, row_length=row_length, max_pairs_per_row=16,
+                              seed=0, epoch=0)
+    full = [rows for rows in plan[:-1]]  # the epoch's last step is topped up with empty rows
+    efficiency = sum(lengths[r].sum() for rows in full for r in rows) / (
+        len(full) * 8 * row_length)
+    assert efficiency >= 0.95, efficiency
+    batch = next(packing.train_batches(pairs, layout=layout, rows_per_process=8, seed=0, pad_id=0,
+                                       row_length=row_length, max_pairs_per_row=16))
+    assert packing.packing_efficiency(batch) >= 0.9
+
+
+def _batches(pairs, start, count, **kw):
+    it = packing.train_batches(pairs, layout="packed", rows_per_process=kw.pop("rows", 4), seed=7,
+                               pad_id=0, row_length=ROW, max_pairs_per_row=MAX_PAIRS,
+                               start_step=start, **kw)
+    return [next(it) for _ in range(count)]
+
+
+def test_order_is_deterministic_and_resumes_exactly():
+    pairs = random_pairs(40, seed=3)
+    steps = packing.steps_per_epoch(pairs, layout="packed", global_rows=4, row_length=ROW,
+                                    max_pairs_per_row=MAX_PAIRS, seed=7)
+    full = _batches(pairs, 0, 2 * steps + 2)  # across two epoch boundaries
+    again = _batches(pairs, 0, 3)
+    resumed = _batches(pairs, steps - 1, steps + 3)
+    for a, b in zip(full[:3], again):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    for a, b in zip(full[steps - 1:], resumed):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(full[0]["input_ids"], full[steps]["input_ids"])  # epochs differ
+    # Two processes' rows are the halves of the one-process global batch.
+    halves = [_batches(pairs, 1, 1, rows=2, process_index=i, process_count=2)[0] for i in (0, 1)]
+    for k in full[1]:
+        if k.startswith("score"):  # N is the global step's, on every process
+            assert halves[0][k].shape[1] == halves[1][k].shape[1] == full[1][k].shape[1]
+        assert np.array_equal(np.concatenate([h[k] for h in halves]), full[1][k]), k
+
+
+def test_every_pair_once_per_epoch():
+    pairs = random_pairs(53, seed=5)
+    for layout in packing.LAYOUTS:
+        lengths = packing.item_lengths(pairs, layout)
+        for epoch in (0, 1):
+            plan = packing.epoch_plan(lengths, global_rows=4, row_length=ROW,
+                                      max_pairs_per_row=MAX_PAIRS, seed=7, epoch=epoch)
+            assert all(len(step) == 4 for step in plan)
+            seen = np.concatenate([r for step in plan for r in step])
+            assert sorted(seen) == list(range(pairs.num_pairs))
+            assert all(lengths[r].sum() <= ROW and len(r) <= MAX_PAIRS
+                       for step in plan for r in step)
+    # The batches carry every pair's tokens: the count of real pairs over one epoch's steps.
+    steps = packing.steps_per_epoch(pairs, layout="packed", global_rows=4, row_length=ROW,
+                                    max_pairs_per_row=MAX_PAIRS, seed=7)
+    assert sum(b["pair_mask"].sum() for b in _batches(pairs, 0, steps)) == pairs.num_pairs
+
+
+def test_row_too_short_names_the_field():
+    with pytest.raises(ValueError, match="pack_row_length=16"):
+        next(packing.train_batches(random_pairs(4), layout="packed", rows_per_process=1, seed=0,
+                                   pad_id=0, row_length=16, max_pairs_per_row=4))
