@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.bf16 = False  # bfloat16 compute over float32 master parameters
     c.gradient_checkpointing = False  # rematerialise each decoder block in the backward pass
     c.remat_policy = "full"  # with gradient_checkpointing: full | dots | dots_saveable
+    c.attention_implementation = "auto"  # auto (cuDNN on GPU in bf16, else XLA) | xla | cudnn
     c.logits_chunk_size = 0  # positions per LM-head chunk in the loss; 0 = all at once
 
     # --- Data ----------------------------------------------------------------------------------
@@ -60,6 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.per_device_train_batch_size = 2  # pairs per data-parallel device per micro-batch
     c.per_device_eval_batch_size = 4  # pairs per data-parallel device
     c.gradient_accumulation_steps = 4  # micro-batches per optimizer step
+    # Batch layout (docs/throughput.md): padded = one pair per row, padded to a length bucket;
+    # packed = several pairs per fixed-length row, no padding compute; shared_prompt = packed with
+    # [prompt | chosen | rejected] per pair, so each prompt is encoded once. Same loss, same result.
+    c.batch_layout = "padded"  # padded | packed | shared_prompt
+    c.pack_row_length = 0  # tokens per packed row; 0 = 2 * max_length (every pair fits)
+    c.pack_rows_per_device = 0  # rows per device per micro-batch; 0 = about per_device_train_batch_size pairs
+    c.pack_max_pairs_per_row = 32
 
     # --- Mesh: data x fsdp x tensor; -1 fills the remaining devices ----------------------------
     c.mesh_data = 1

@@ -25,6 +25,7 @@ from simpo_jax import data as data_lib
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
+from simpo_jax import packing
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
 
@@ -51,6 +52,7 @@ class Run:
     meta: dict
     start_step: int = 0
     restored_meta: dict | None = None  # the meta saved with the checkpoint resumed from
+    packing: dict | None = None  # packed layouts: packing_plan(); None for padded batches
 
 
 def resolve_path(path: str) -> str:
@@ -81,7 +83,8 @@ def load_params(config, tokenizer, mesh, *, weights: bool):
     """(graphdef, params): loaded into their shardings, or abstract when a checkpoint will fill them."""
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     remat = config.remat_policy if config.gradient_checkpointing else "none"
-    kwargs = dict(dtype=dtype, param_dtype=jnp.float32, remat_policy=remat)
+    kwargs = dict(dtype=dtype, param_dtype=jnp.float32, remat_policy=remat,
+                  attention=config.attention_implementation)
     hf_config = model_config(config, tokenizer)
     if not weights:
         model = nnx.eval_shape(lambda: models.from_config(hf_config, **kwargs))
@@ -123,12 +126,23 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         tokenizer_name_or_path=resolve_path(config.tokenizer_name_or_path
                                             or config.model_name_or_path))
     tokenizer = data_lib.load_tokenizer(data_config)
-    data, total_steps = None, 1
+    data, total_steps, pack = None, 1, None
     if with_data:
         data = data_lib.build_datasets(data_config, tokenizer)
         if jax.process_index() == 0:
             data_lib.write_report(data.report, config.output_dir)
-        steps_per_epoch = data_lib.steps_per_epoch(data.train, global_batch)
+        if config.batch_layout == "padded":
+            steps_per_epoch = data_lib.steps_per_epoch(data.train, global_batch)
+        else:
+            pack = packing_plan(config, data.train, dp)
+            steps_per_epoch = packing.steps_per_epoch(
+                data.train, layout=pack["layout"], global_rows=pack["global_rows"],
+                row_length=pack["row_length"], max_pairs_per_row=pack["max_pairs_per_row"],
+                seed=config.seed)
+            print(f"{pack['layout']} batches: {pack['rows_per_device']} rows of "
+                  f"{pack['row_length']} tokens per device per micro-batch, {pack['global_rows']} "
+                  f"rows per step, {data.train.num_pairs / steps_per_epoch:.1f} pairs per step on "
+                  "average", flush=True)
         if steps_per_epoch < 1:
             raise ValueError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
                              f"global batch of {global_batch}.")
@@ -143,7 +157,8 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     loss_cfg = loss_lib.LossConfig.from_config(config)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     train_step, state_sh = step_lib.jit_train_step(
-        mesh, abstract_state, graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
+        mesh, abstract_state, batch_layout=pack["layout"] if pack else "padded",
+        graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
         accumulation_steps=config.gradient_accumulation_steps,
         logits_chunk_size=config.logits_chunk_size)
     if restoring:
@@ -159,10 +174,11 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         "global_batch": global_batch,
         "total_steps": total_steps,
         "seed": config.seed,
+        "packing": pack,
     }
     run = Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
-              total_steps, global_batch, eval_batch, checkpointer, meta)
-    run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed")
+              total_steps, global_batch, eval_batch, checkpointer, meta, packing=pack)
+    run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed", "packing")
                             if with_data else ("model",)) if restoring else 0
     if isinstance(jax.tree.leaves(run.state.params)[0], jax.ShapeDtypeStruct):
         # Every checkpoint was unreadable: start from the configured weights after all.
@@ -170,6 +186,44 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         graphdef, params = load_params(config, tokenizer, mesh, weights=True)
         run.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
     return run
+
+
+def packing_plan(config, pairs, data_parallel: int) -> dict:
+    """Row length and rows per step of the packed layouts, checked against the data."""
+    layout = config.batch_layout
+    items = packing.item_lengths(pairs, layout)
+    row_length = config.pack_row_length or 2 * config.max_length
+    if items.max() > row_length:
+        i = int(items.argmax())
+        raise ValueError(f"config.pack_row_length={row_length} is shorter than training pair {i} "
+                         f"({pairs.sources[i]}: {items[i]} tokens in batch_layout {layout!r}); set "
+                         f"it >= {int(items.max())}, or 0 for 2 * max_length.")
+    rows = config.pack_rows_per_device or max(1, math.ceil(
+        config.per_device_train_batch_size * items.mean() / (0.95 * row_length)))
+    global_rows = rows * data_parallel * config.gradient_accumulation_steps
+    if global_rows % jax.process_count():
+        raise ValueError(f"{global_rows} packed rows per step do not split over "
+                         f"{jax.process_count()} processes: set config.pack_rows_per_device.")
+    return {"layout": layout, "row_length": int(row_length), "rows_per_device": int(rows),
+            "global_rows": int(global_rows), "max_pairs_per_row": config.pack_max_pairs_per_row}
+
+
+def train_batch_iterator(run: Run, start_step: int = 0) -> "prefetch":
+    """This process's training batches from global step start_step on, prefetched to the devices."""
+    config = run.config
+    where = dict(seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+                 process_count=jax.process_count(), pad_id=run.data.pad_id)
+    if run.packing is None:
+        batches = data_lib.train_batches(
+            run.data.train, batch_size=run.global_batch // jax.process_count(),
+            max_length=config.max_length, length_buckets=tuple(config.length_buckets), **where)
+        return prefetch(batches, step_lib.batch_shardings(run.mesh))
+    pack = run.packing
+    batches = packing.train_batches(
+        run.data.train, layout=pack["layout"],
+        rows_per_process=pack["global_rows"] // jax.process_count(),
+        row_length=pack["row_length"], max_pairs_per_row=pack["max_pairs_per_row"], **where)
+    return prefetch(batches, step_lib.batch_shardings(run.mesh, pack["layout"]))
 
 
 def resume(run: Run, check: tuple[str, ...]) -> int:
@@ -206,7 +260,7 @@ def _short(value) -> str:
 def to_global(batch: dict, shardings: dict) -> dict:
     """This process's rows of the global batch -> global jax.Arrays sharded over data x fsdp."""
     out = {}
-    for k in step_lib.BATCH_KEYS:
+    for k in shardings:
         local = np.asarray(batch[k])
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[k] = jax.make_array_from_process_local_data(shardings[k], local, global_shape)

@@ -12,12 +12,14 @@ CHOICES = {
     "assistant_header_in": ("prompt", "completion"),
     "remat_policy": ("full", "dots", "dots_saveable"),
     "export_dtype": ("bfloat16", "float32"),
+    "batch_layout": ("padded", "packed", "shared_prompt"),
+    "attention_implementation": ("auto", "xla", "cudnn"),
 }
 POSITIVE = ("beta", "learning_rate", "max_length", "max_prompt_length", "per_device_train_batch_size",
             "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-            "eval_steps", "save_steps")
+            "eval_steps", "save_steps", "pack_max_pairs_per_row")
 NON_NEGATIVE = ("gamma_beta_ratio", "sft_weight", "warmup_steps", "weight_decay", "max_grad_norm",
-                "warmup_ratio")
+                "warmup_ratio", "pack_row_length", "pack_rows_per_device")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

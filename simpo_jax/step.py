@@ -142,10 +142,9 @@ def _completion_counts(batch):
 
 
 def _num_tokens(batch):
-    """Tokens of real pairs, prompt counted with each completion (as the padded layout's lengths)."""
+    """Real (non-padding) tokens the model computes: a shared prompt counts once."""
     if is_packed(batch):
-        per_pair = 2 * batch["prompt_lengths"] + batch["completion_lengths"].sum(-1)
-        return jnp.sum(per_pair * batch["pair_mask"])
+        return jnp.sum(batch["segment_ids"] > 0)
     return jnp.sum(batch["lengths"] * batch["pair_mask"][:, None])
 
 
@@ -202,6 +201,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = schedule(state.step)
     metrics["num_tokens"] = _num_tokens(batch)
+    metrics["num_pairs"] = sums["pairs"]
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

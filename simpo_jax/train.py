@@ -21,7 +21,7 @@ from simpo_jax import optim
 from simpo_jax import plots
 from simpo_jax import report
 from simpo_jax import step as step_lib
-from simpo_jax.build import Run, build, prefetch
+from simpo_jax.build import Run, build, train_batch_iterator
 from simpo_jax.evaluation import eval_round
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,7 @@ def _train(run: Run) -> dict:
                     "it is empty): training without evaluation.", list(config.dataset_splits))
     elif start == 0:
         eval_round(run, writer, 0)
-    shardings = step_lib.batch_shardings(run.mesh)
-    batches = prefetch(data_lib.train_batches(
-        run.data.train, batch_size=run.global_batch // jax.process_count(), seed=config.seed,
-        start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
-        pad_id=run.data.pad_id, max_length=config.max_length,
-        length_buckets=tuple(config.length_buckets)), shardings)
+    batches = train_batch_iterator(run, start)
 
     pending = None  # (step, metrics on device): read one step late, after t+1 is dispatched
     last_time = time.time()
@@ -103,7 +98,9 @@ def _train(run: Run) -> dict:
         check_finite(step, metrics, advisor)
         now = time.time()
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["tokens_per_second"] = metrics.pop("num_tokens") / max(now - last_time, 1e-9)
+        seconds = max(now - last_time, 1e-9)
+        metrics["tokens_per_second"] = metrics.pop("num_tokens") / seconds
+        metrics["pairs_per_second"] = metrics.pop("num_pairs") / seconds
         metrics["mfu"] = flops_per_token * metrics["tokens_per_second"] / peak
         last_time = now
         writer.progress(step, metrics)
@@ -196,11 +193,7 @@ def lr_find(config) -> dict:
                                          config.lr_find_steps)
     run = build(sweep, schedule=schedule)
     run.checkpointer.close()
-    batches = prefetch(data_lib.train_batches(
-        run.data.train, batch_size=run.global_batch // jax.process_count(), seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        pad_id=run.data.pad_id, max_length=config.max_length,
-        length_buckets=tuple(config.length_buckets)), step_lib.batch_shardings(run.mesh))
+    batches = train_batch_iterator(run)
     lrs, losses = [], []
     with batches:
         for step in range(config.lr_find_steps):

@@ -219,3 +219,20 @@ def test_compile_time_does_not_grow_with_depth():
     two = min(_compile_seconds(2) for _ in range(2))
     eight = min(_compile_seconds(8) for _ in range(2))
     assert eight < 2 * two, (two, eight)
+
+
+def test_attention_selection_names_why_cudnn_cannot_run():
+    from simpo_jax.models import layers
+
+    assert layers.select_attention("auto", None, jnp.bfloat16) == (
+        "cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert layers.select_attention("auto", 50.0, jnp.bfloat16) == "xla"  # Gemma 2 soft-capping
+    assert layers.select_attention("xla", None, jnp.bfloat16) == "xla"
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="'cudnn' cannot run: the backend is cpu"):
+            models.from_config(dict(model_type="llama", vocab_size=32, hidden_size=16,
+                                    intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1),
+                               attention="cudnn")
+    with pytest.raises(ValueError, match="valid: auto, xla, cudnn"):
+        layers.select_attention("flash", None, jnp.bfloat16)

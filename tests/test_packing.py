@@ -1,5 +1,7 @@
 """Packed and shared-prompt rows equal the padded layout (logps, loss, gradients); packing order."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +123,10 @@ def test_sharded_train_step_equals_padded():
         sh = step_lib.batch_shardings(mesh, layout)
         _, metrics = fn(state, {k: jax.device_put(v, sh[k]) for k, v in batch.items()})
         out[layout] = {k: float(v) for k, v in metrics.items()}
+    # Real tokens computed: the shared prompt once per pair instead of twice.
+    prompts = sum(len(p) for p in pairs.prompt_ids)
+    assert out["padded"].pop("num_tokens") == out["shared_prompt"].pop("num_tokens") + prompts
+    assert out["padded"]["num_pairs"] == pairs.num_pairs
     for k, v in out["padded"].items():
         assert out["shared_prompt"][k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
 
@@ -206,3 +212,41 @@ def test_row_too_short_names_the_field():
     with pytest.raises(ValueError, match="pack_row_length=16"):
         next(packing.train_batches(random_pairs(4), layout="packed", rows_per_process=1, seed=0,
                                    pad_id=0, row_length=16, max_pairs_per_row=4))
+
+
+@pytest.mark.slow
+def test_packed_run_resumes_exactly(tmp_path):
+    """A tiny run with batch_layout=shared_prompt, stopped after step 10 and resumed: same steps."""
+    import shutil
+
+    from test_checkpoint import final_params, tiny_config, train_rows
+    from simpo_jax import train
+
+    layout = dict(batch_layout="shared_prompt", pack_rows_per_device=1, pack_row_length=96)
+    full = tmp_path / "full"
+    train.train(tiny_config(full, **layout))
+    rows = train_rows(full)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all(r["pairs_per_second"] > 0 and 0 < r["mfu"] for r in rows)
+    out = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / "20")
+    train.train(tiny_config(out, **layout))
+    for r_ref, r in zip(rows[2:], train_rows(out)):
+        for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert r[k] == pytest.approx(r_ref[k], abs=1e-6), (r["step"], k)
+    a, _ = final_params(full, **layout)
+    b, _ = final_params(out, **layout)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+    # Resuming with another layout is refused, naming the setting.
+    with pytest.raises(ValueError, match="packing"):
+        train.train(tiny_config(out, batch_layout="packed", pack_rows_per_device=1))
+
+
+def test_too_short_rows_fail_before_training(tmp_path):
+    from test_checkpoint import tiny_config
+    from simpo_jax import build
+
+    with pytest.raises(ValueError, match=r"config.pack_row_length=16 .*set it >= \d+"):
+        build.build(tiny_config(tmp_path, batch_layout="packed", pack_row_length=16))
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -35,16 +36,22 @@ def arch_from_hf_config(hf_config: Any) -> tuple[ArchConfig, dict]:
     return arch, families.config_dict(config)
 
 
-def _builder(hf_config, dtype, param_dtype, seed, remat_policy):
+def _builder(hf_config, dtype, param_dtype, seed, remat_policy, attention):
     arch, config_dict = arch_from_hf_config(hf_config)
+    layers_lib.select_attention(attention, arch.attn_softcap, dtype)  # a bad choice fails here
+    arch = dataclasses.replace(arch, attention_impl=attention)
     return lambda: CausalLM(arch, config_dict, dtype=dtype, param_dtype=param_dtype, seed=seed,
                             remat_policy=remat_policy)
 
 
 def from_config(hf_config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0,
-                mesh: Mesh | None = None, remat_policy: str = "none") -> CausalLM:
-    """Randomly initialised model (normal(initializer_range) weights, HF norm init); into `mesh` shardings when given."""
-    build = _builder(hf_config, dtype, param_dtype, seed, remat_policy)
+                mesh: Mesh | None = None, remat_policy: str = "none",
+                attention: str = "auto") -> CausalLM:
+    """Randomly initialised model (normal(initializer_range) weights, HF norm init); into `mesh` shardings when given.
+
+    attention: auto | xla | cudnn, see layers.select_attention.
+    """
+    build = _builder(hf_config, dtype, param_dtype, seed, remat_policy, attention)
     if mesh is None:
         return build()
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
@@ -54,11 +61,12 @@ def from_config(hf_config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32, s
 
 
 def from_pretrained(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    mesh: Mesh | None = None, remat_policy: str = "none") -> CausalLM:
+                    mesh: Mesh | None = None, remat_policy: str = "none",
+                    attention: str = "auto") -> CausalLM:
     """Loads a local HF folder (config.json + model.safetensors or a sharded index), tensor by tensor."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    build = _builder(config, dtype, param_dtype, 0, remat_policy)
+    build = _builder(config, dtype, param_dtype, 0, remat_policy, attention)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

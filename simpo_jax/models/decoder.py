@@ -49,6 +49,7 @@ class ArchConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     initializer_range: float = 0.02
+    attention_impl: str = "auto"  # auto | xla | cudnn (layers.select_attention); not in config.json
 
 
 class Attention(nnx.Module):
@@ -73,7 +74,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
-        if cache is None and L.use_cudnn(a.attn_softcap, q.dtype):
+        if cache is None and L.select_attention(a.attention_impl, a.attn_softcap, q.dtype) == "cudnn":
             out = L.cudnn_attention(q, k, v, mask_BTS, scale=scale)
         else:
             out = L.attention(q, k, v, mask_BTS, scale=scale, softcap=a.attn_softcap)

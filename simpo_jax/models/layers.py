@@ -155,10 +155,28 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float 
     return out.reshape(b, t, h, e)
 
 
-def use_cudnn(softcap: float | None, dtype) -> bool:
-    """cuDNN fused attention only on GPU, in 16-bit, without logit softcapping (it has none)."""
-    return (softcap is None and jax.default_backend() == "gpu"
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def select_attention(impl: str, softcap: float | None, dtype) -> str:
+    """"cudnn" or "xla" for config attention_implementation `impl`.
+
+    auto: cuDNN fused attention (through jax.nn.dot_product_attention, with the packed rows'
+    segment / branch mask) on GPU in 16-bit without logit soft-capping (cuDNN has none); the XLA
+    einsum path everywhere else, TPU included. cudnn: the same kernel, or an error saying why not.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_implementation={impl!r}; valid: {', '.join(ATTENTION_IMPLS)}.")
+    reasons = []
+    if jax.default_backend() != "gpu":
+        reasons.append(f"the backend is {jax.default_backend()}, not gpu")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        reasons.append(f"compute dtype {jnp.dtype(dtype).name} is not 16-bit (set bf16=True)")
+    if softcap is not None:
+        reasons.append("the model soft-caps attention logits (Gemma 2)")
+    if impl == "cudnn" and reasons:
+        raise ValueError("attention_implementation='cudnn' cannot run: " + "; ".join(reasons) + ".")
+    return "xla" if impl == "xla" or reasons else "cudnn"
 
 
 def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float):
