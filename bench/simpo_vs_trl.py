@@ -9,9 +9,13 @@ rejected 50-150 tokens each), tokenized once by TRL. TRL: CPOTrainer(loss_type="
 cpo_alpha=0, simpo_gamma=beta*gamma_beta_ratio), timed over compute_loss + backward + AdamW step on
 its own collated batches. Ours: the jitted train step (block_until_ready), compile and warm-up of
 every batch shape excluded. Steps are interleaved (TRL, then each layout) so load from other
-processes hits all alike. Throughput counts pair tokens (prompt + chosen + prompt + rejected of the
-step's pairs): the padded-equivalent work, the same measure for every side. MFU = model FLOPs per
-token (simpo_jax.flops) x pair tokens/s / the FLOP/s of a 2048x2048 float32 matmul measured here.
+processes hits all alike. The throughput ratio counts pair tokens (prompt + chosen + prompt +
+rejected of the step's pairs, none of them padding): TRL's real tokens, and for our layouts the same
+work whether or not the prompt is computed once, so the ratio is that of pairs per second. "real
+tok/s" counts the non-padding tokens each side actually computed (the shared prompt once). MFU =
+model FLOPs per token (simpo_jax.flops: 6 x non-embedding parameters including the LM head, plus
+attention at the mean sequence length) x real tokens/s / the FLOP/s of a 2048x2048 float32 matmul
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class TRLSide:
         self.batches = iter(self.trainer.get_train_dataloader())
         self.model.train()
 
-    def step(self) -> tuple[float, int]:
+    def step(self) -> tuple[float, int, int]:
         batch = next(self.batches)
         start = time.perf_counter()
         loss = self.trainer.compute_loss(self.model, batch)
@@ -125,7 +129,7 @@ class TRLSide:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-        return seconds, tokens
+        return seconds, tokens, tokens
 
 
 class OurSide:
@@ -171,7 +175,8 @@ class OurSide:
                 self.state, metrics = self.fn(self.state, self._put(batch))
                 jax.block_until_ready(metrics)
 
-    def step(self) -> tuple[float, int]:
+    def step(self) -> tuple[float, int, int]:
+        """(seconds, pair tokens, real tokens computed) of one timed step."""
         batch = self.batches[self.next % len(self.batches)]
         self.next += 1
         device_batch = self._put(batch)
@@ -181,8 +186,8 @@ class OurSide:
         jax.block_until_ready(metrics)
         seconds = time.perf_counter() - start
         if self.layout == "padded":
-            return seconds, int(batch["lengths"].sum())
-        return seconds, packing.pair_tokens(batch)
+            return seconds, int(batch["lengths"].sum()), int(batch["lengths"].sum())
+        return seconds, packing.pair_tokens(batch), int((batch["segment_ids"] > 0).sum())
 
     def pairs_per_step(self) -> float:
         return float(np.mean([b["pair_mask"].sum() for b in self.batches]))
@@ -228,11 +233,13 @@ def main():
 
     times = {name: [] for name in ["trl", *ours]}
     tokens = {name: [] for name in times}
+    real = {name: [] for name in times}
     for _ in range(args.steps):  # interleaved: TRL, then each of our layouts
         for name in times:
-            s, n = (trl_side if name == "trl" else ours[name]).step()
+            s, n, r = (trl_side if name == "trl" else ours[name]).step()
             times[name].append(s)
             tokens[name].append(n)
+            real[name].append(r)
 
     peak = flops.measured_matmul_flops(2048)
     seq_len = int(np.mean([len(p) + len(c) for p, c in zip(pairs.prompt_ids, pairs.chosen_ids)]))
@@ -240,18 +247,19 @@ def main():
     print(f"peak (2048x2048 float32 matmul, measured now): {peak / 1e9:.1f} GFLOP/s; "
           f"model FLOPs per token {per_token / 1e6:.1f}M (seq_len {seq_len})")
     header = (f"{'side':<22}{'pairs/step':>11}{'fill':>7}{'median s':>10}{'pair tok/s':>12}"
-              f"{'pairs/s':>9}{'MFU':>8}")
+              f"{'real tok/s':>12}{'pairs/s':>9}{'MFU':>8}")
     print(header)
     rate = {}
     for name in times:
         tok_s = sum(tokens[name]) / sum(times[name])
+        real_s = sum(real[name]) / sum(times[name])
         pps = (args.pairs_per_step if name == "trl" else ours[name].pairs_per_step())
         rate[name] = tok_s
         fill = "-" if name == "trl" else f"{ours[name].fill():.0%}"
         label = name if name in ("trl", "padded") else f"{name} (T={ours[name].row_length})"
         print(f"{label:<22}{pps:>11.1f}{fill:>7}{statistics.median(times[name]):>10.3f}"
-              f"{tok_s:>12.0f}{pps * len(times[name]) / sum(times[name]):>9.2f}"
-              f"{per_token * tok_s / peak:>8.1%}")
+              f"{tok_s:>12.0f}{real_s:>12.0f}{pps * len(times[name]) / sum(times[name]):>9.2f}"
+              f"{per_token * real_s / peak:>8.1%}")
     for name in ours:
         print(f"{name}: throughput ratio vs TRL: {rate[name] / rate['trl']:.2f}x")
     best = max(ours, key=rate.get)

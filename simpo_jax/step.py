@@ -76,19 +76,21 @@ def is_packed(batch) -> bool:
     return "segment_ids" in batch
 
 
-def scored_token_stats(h_RND, head, targets_RN, chunk_size: int = 0):
+def scored_token_stats(h_RND, model, targets_RN, chunk_size: int = 0):
     """Per scored token (log p(target), mean logit) [R, N] from gathered hidden states [R, N, D].
 
     The head always sees a 2-D [rows, D] activation (XLA CPU runs a 3-D head matmul over a sliced
     activation several times slower); chunk_size > 0 applies it to [R * chunk_size, D] at a time,
-    recomputed in the backward pass, so [R, N, V] float32 logits never exist.
+    recomputed in the backward pass, so [R, N, V] float32 logits never exist. The target's logit
+    is a row gather of the head (model.target_logits), so the backward pass never scatters into
+    an [rows, V] array.
     """
     r, n, d = h_RND.shape
 
     def stats(h, tgt):
-        logits = head(h).astype(jnp.float32)
+        logits = model.logits_from_hidden(h).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
+        picked = model.target_logits(h, tgt)
         return picked - logz, jax.lax.stop_gradient(logits.mean(-1))
 
     if not chunk_size or chunk_size >= n:
@@ -119,8 +121,8 @@ def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
                                  positions=batch["positions"], segment_ids=segments,
                                  branch_ids=batch["branch_ids"])
     h = jnp.take_along_axis(hidden, batch["score_index"][..., None], axis=1)  # [R, N, D]
-    tok_logps, tok_mean_logits = scored_token_stats(h, model.logits_from_hidden,
-                                                    batch["score_target"], logits_chunk_size)
+    tok_logps, tok_mean_logits = scored_token_stats(h, model, batch["score_target"],
+                                                    logits_chunk_size)
     r, p = batch["pair_mask"].shape
     # Per-row sums into (pair slot, side) by a one-hot contraction: local to each row (shard).
     onehot = jax.nn.one_hot(batch["score_slot"], 2 * p, dtype=jnp.float32)  # slot -1: all zeros

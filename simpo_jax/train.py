@@ -12,7 +12,6 @@ import jax
 from flax import nnx
 
 from simpo_jax import checkpoint as ckpt_lib
-from simpo_jax import data as data_lib
 from simpo_jax import doctor
 from simpo_jax import flops
 from simpo_jax import hub
@@ -20,7 +19,6 @@ from simpo_jax import models
 from simpo_jax import optim
 from simpo_jax import plots
 from simpo_jax import report
-from simpo_jax import step as step_lib
 from simpo_jax.build import Run, build, train_batch_iterator
 from simpo_jax.evaluation import eval_round
 

@@ -1,6 +1,5 @@
 """The hyperparameter doctor: start-up warnings, advice triggers (once each), NaN stops."""
 
-import math
 import os
 import sys
 

@@ -77,7 +77,8 @@ class Attention(nnx.Module):
         if cache is None and L.select_attention(a.attention_impl, a.attn_softcap, q.dtype) == "cudnn":
             out = L.cudnn_attention(q, k, v, mask_BTS, scale=scale)
         else:
-            out = L.attention(q, k, v, mask_BTS, scale=scale, softcap=a.attn_softcap)
+            out = L.attention(q, k, v, mask_BTS, scale=scale, softcap=a.attn_softcap,
+                              causal_blocks=cache is None)
         out = self.o_proj(out.reshape(b, t, a.num_heads * a.head_dim))
         return out if cache is None else (out, (k, v))
 
@@ -246,6 +247,19 @@ class CausalLM(nnx.Module):
             logits = self.model.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h, preferred_element_type=jnp.float32)
+        cap = self.arch.final_softcap
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def target_logits(self, h_ND, targets_N):
+        """logits_from_hidden(h)[n, targets[n]] without the [N, V] logits: a row gather of the head.
+
+        Its gradient touches N rows of the head instead of scattering into an [N, V] array.
+        """
+        w = (self.model.embed_tokens if self.lm_head is None else self.lm_head).weight[...]
+        rows = jnp.take(w, targets_N, axis=0).astype(h_ND.dtype)
+        logits = jnp.einsum("nd,nd->n", h_ND, rows, preferred_element_type=jnp.float32)
         cap = self.arch.final_softcap
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
