@@ -31,6 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads of torch otherwise spin for a while after each TRL step, taking cores from
+# whichever side runs next in the interleaved loop.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -202,9 +205,9 @@ class OurSide:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS))
-    parser.add_argument("--pairs-per-step", type=int, default=8)
-    parser.add_argument("--rows-per-step", type=int, default=2, help="packed layouts")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    parser.add_argument("--pairs-per-step", type=int, default=16)
+    parser.add_argument("--rows-per-step", type=int, default=8, help="packed layouts")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
     parser.add_argument("--logits-chunk-size", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
