@@ -56,6 +56,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
@@ -72,6 +73,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_skipped_with_warning(uninterrupted, tmp_path, caplog):
     out = tmp_path / "damaged"
     shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
@@ -88,6 +90,7 @@ def test_damaged_checkpoint_is_skipped_with_warning(uninterrupted, tmp_path, cap
     assert any("Skipping checkpoint" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(uninterrupted):
     a, _ = final_params(uninterrupted)
     b, step = final_params(uninterrupted, mesh_data=2, mesh_fsdp=2, mesh_tensor=2)
@@ -95,6 +98,7 @@ def test_restore_onto_a_different_mesh(uninterrupted):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
@@ -105,6 +109,7 @@ def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_p
         build.build(c)
 
 
+@pytest.mark.slow
 def test_export_mode_loads_in_transformers(uninterrupted, tmp_path):
     torch = pytest.importorskip("torch")
     import transformers
@@ -153,6 +158,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     assert os.path.exists(out / "config.json")
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
     from simpo_jax import hub
@@ -176,6 +182,7 @@ def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monk
     assert b"SimPO" in stand_in.files["README.md"]
 
 
+@pytest.mark.slow
 def test_push_failure_is_clear_and_keeps_the_export(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
     from simpo_jax import hub

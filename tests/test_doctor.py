@@ -95,6 +95,7 @@ def test_advice_survives_resume():
                enumerate(stream(40, **{**HEALTHY, "rewards/margins": 0.1})))
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_without_a_bad_checkpoint(tmp_path):
     from configs import tiny
     from simpo_jax import build, train

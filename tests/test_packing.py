@@ -72,7 +72,7 @@ def objective(graphdef, chunk):
 
 
 @pytest.mark.parametrize("config,layout", [
-    pytest.param(LLAMA, "packed", id="llama-packed"),
+    pytest.param(LLAMA, "packed", id="llama-packed", marks=pytest.mark.slow),
     pytest.param(GEMMA2, "shared_prompt", id="gemma2_window4-shared_prompt"),
     pytest.param(LLAMA, "shared_prompt", id="llama-shared_prompt", marks=pytest.mark.slow),
     pytest.param(GEMMA2, "packed", id="gemma2_window4-packed", marks=pytest.mark.slow),
@@ -102,6 +102,7 @@ def test_rows_equal_padded(config, layout):
                  g_rows, g_ref)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_equals_padded():
     """The jitted step on a 2x2x2 mesh, accumulating 2 micro-batches of rows: padded's metrics."""
     pairs = random_pairs(16, seed=4)

@@ -48,7 +48,8 @@ def run_step(mesh, batch, accumulation_steps=1, steps=2):
     return losses, jax.tree.map(np.asarray, state.params), state
 
 
-MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
+MESHES = [(8, 1, 1), pytest.param((1, 8, 1), marks=pytest.mark.slow),
+          pytest.param((1, 4, 2), marks=pytest.mark.slow), (2, 2, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,7 @@ def test_gradient_accumulation_equals_large_batch(single_device_result):
                  params, ref_params)
 
 
+@pytest.mark.slow
 def test_accumulation_on_sharded_mesh():
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(2, 2, 2))
     losses, params, _ = run_step(mesh, make_batch(), accumulation_steps=2)
@@ -94,6 +96,7 @@ def test_accumulation_on_sharded_mesh():
                  params, ref_params)
 
 
+@pytest.mark.slow
 def test_padding_pairs_do_not_change_the_update():
     batch = make_batch(num_pairs=8)
     padded = {k: np.concatenate([v, v[:8]]) for k, v in batch.items()}
@@ -105,7 +108,8 @@ def test_padding_pairs_do_not_change_the_update():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a[1], b[1])
 
 
-@pytest.mark.parametrize("chunk", [5, 8, 64])
+@pytest.mark.parametrize("chunk", [pytest.param(5, marks=pytest.mark.slow),
+                                   pytest.param(8, marks=pytest.mark.slow), 64])
 def test_chunked_lm_head_equals_full_logits(chunk):
     model = models.from_config(TINY, seed=1)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -124,6 +128,7 @@ def test_chunked_lm_head_equals_full_logits(chunk):
                  g_chunked, g_full)
 
 
+@pytest.mark.slow
 def test_bf16_compute_over_float32_master_params():
     model = models.from_config(TINY, seed=3, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     graphdef, params = nnx.split(model, nnx.Param)
