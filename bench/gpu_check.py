@@ -56,13 +56,9 @@ def rows_of(pairs, layout, row_length, max_pairs=32, rows_multiple=1):
     rows = packing.pack(packing.item_lengths(pairs, layout), row_length, max_pairs,
                         np.random.default_rng(0))
     rows += [np.zeros(0, np.int64)] * (-len(rows) % rows_multiple)
-    width = packing.score_width([packing.scored_count(pairs, r) for r in rows], row_length)
     batch = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=row_length,
-                              max_pairs_per_row=max_pairs, score_width=width)
-    slot_pair = np.full(len(rows) * max_pairs, -1)
-    for b, row in enumerate(rows):
-        slot_pair[b * max_pairs:b * max_pairs + len(row)] = row
-    return batch, slot_pair
+                              max_pairs_per_row=max_pairs)
+    return batch, packing.slot_pairs(rows, max_pairs)
 
 
 def correctness():

@@ -191,13 +191,8 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
 def packing_plan(config, pairs, data_parallel: int) -> dict:
     """Row length and rows per step of the packed layouts, checked against the data."""
     layout = config.batch_layout
-    items = packing.item_lengths(pairs, layout)
     row_length = config.pack_row_length or 2 * config.max_length
-    if items.max() > row_length:
-        i = int(items.argmax())
-        raise ValueError(f"config.pack_row_length={row_length} is shorter than training pair {i} "
-                         f"({pairs.sources[i]}: {items[i]} tokens in batch_layout {layout!r}); set "
-                         f"it >= {int(items.max())}, or 0 for 2 * max_length.")
+    items = packing.check_row_length(pairs, layout, row_length)
     rows = config.pack_rows_per_device or max(1, math.ceil(
         config.per_device_train_batch_size * items.mean() / (0.95 * row_length)))
     global_rows = rows * data_parallel * config.gradient_accumulation_steps

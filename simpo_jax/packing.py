@@ -39,6 +39,25 @@ def item_lengths(pairs, layout: str) -> np.ndarray:
     return 2 * p + c + r if layout == "packed" else p + c + r
 
 
+def check_row_length(pairs, layout: str, row_length: int) -> np.ndarray:
+    """item_lengths(pairs, layout), after checking that every pair fits in a row."""
+    lengths = item_lengths(pairs, layout)
+    if lengths.max(initial=0) > row_length:
+        i = int(lengths.argmax())
+        raise ValueError(f"config.pack_row_length={row_length} is shorter than training pair {i} "
+                         f"({pairs.sources[i]}: {lengths[i]} tokens in batch_layout {layout!r}); "
+                         f"set it >= {int(lengths.max())}, or 0 for 2 * max_length.")
+    return lengths
+
+
+def slot_pairs(rows, max_pairs_per_row: int) -> np.ndarray:
+    """[len(rows) * max_pairs_per_row] pair index of each pair slot of `make_rows`; -1 if empty."""
+    out = np.full(len(rows) * max_pairs_per_row, -1, np.int64)
+    for b, row in enumerate(rows):
+        out[b * max_pairs_per_row:b * max_pairs_per_row + len(row)] = row
+    return out
+
+
 def pack(lengths: np.ndarray, row_length: int, max_pairs_per_row: int, rng) -> list:
     """Rows (arrays of pair indices): shuffled, first-fit decreasing inside windows, rows shuffled."""
     order = rng.permutation(len(lengths))
@@ -87,12 +106,7 @@ def train_batches(pairs, *, layout: str, rows_per_process: int, seed: int, pad_i
 
     Epochs follow each other; resuming at step k replays only the (cheap) packing of earlier epochs.
     """
-    lengths = item_lengths(pairs, layout)
-    too_long = np.flatnonzero(lengths > row_length)
-    if len(too_long):
-        raise ValueError(f"pack_row_length={row_length} is shorter than pair {too_long[0]} "
-                         f"({lengths[too_long[0]]} tokens in layout {layout!r}); set "
-                         f"pack_row_length >= {int(lengths.max())} (2 * max_length always fits).")
+    lengths = check_row_length(pairs, layout, row_length)
     global_rows = rows_per_process * process_count
     plan_args = dict(global_rows=global_rows, row_length=row_length,
                      max_pairs_per_row=max_pairs_per_row, seed=seed)
@@ -105,7 +119,7 @@ def train_batches(pairs, *, layout: str, rows_per_process: int, seed: int, pad_i
             epoch += 1
             plan = epoch_plan(lengths, epoch=epoch, **plan_args)
         rows = plan[step - first]
-        width = score_width([scored_count(pairs, r) for r in rows], row_length)
+        width = row_score_width([scored_count(pairs, r) for r in rows], row_length)
         local = rows[process_index * rows_per_process:(process_index + 1) * rows_per_process]
         yield make_rows(pairs, local, layout=layout, pad_id=pad_id, row_length=row_length,
                         max_pairs_per_row=max_pairs_per_row, score_width=width)
@@ -118,7 +132,8 @@ def scored_count(pairs, row) -> int:
                    for i in row for c in (pairs.chosen_ids[i], pairs.rejected_ids[i])))
 
 
-def score_width(counts, row_length: int) -> int:
+def row_score_width(counts, row_length: int) -> int:
+    """N for rows with these scored-token counts: the largest, rounded up to row_length / 8."""
     step = max(row_length // SCORE_BUCKETS, 1)
     return min(max(-(-max(counts, default=1) // step) * step, step), row_length)
 
@@ -128,9 +143,14 @@ def _scored(prompt: int, completion: int) -> int:
 
 
 def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pairs_per_row: int,
-              score_width: int) -> dict:
-    """The row batch of `rows` (each an array of pair indices); format in the module docstring."""
+              score_width: int | None = None) -> dict:
+    """The row batch of `rows` (each an array of pair indices); format in the module docstring.
+
+    score_width: N; None sizes it for `rows` (a process's share of a step passes the step's).
+    """
     _check_layout(layout)
+    if score_width is None:
+        score_width = row_score_width([scored_count(pairs, r) for r in rows], row_length)
     r, t, p, n = len(rows), row_length, max_pairs_per_row, score_width
     out = {k: np.zeros((r, t), np.int32) for k in ("positions", "segment_ids", "branch_ids")}
     out["input_ids"] = np.full((r, t), pad_id, np.int32)

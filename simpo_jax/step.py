@@ -22,12 +22,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simpo_jax import loss as loss_lib
+from simpo_jax import packing
 from simpo_jax import sharding as sharding_lib
 
 BATCH_KEYS = ("input_ids", "completion_start", "lengths", "pair_mask")
 PACKED_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "score_index",
                "score_target", "score_slot", "prompt_lengths", "completion_lengths", "pair_mask")
-BATCH_LAYOUTS = ("padded", "packed", "shared_prompt")
+BATCH_LAYOUTS = ("padded",) + packing.LAYOUTS
 
 
 @flax.struct.dataclass

@@ -54,13 +54,9 @@ def both_batches(pairs, layout, rows_multiple=1):
     rows = packing.pack(packing.item_lengths(pairs, layout), ROW, MAX_PAIRS,
                         np.random.default_rng(0))
     rows += [np.zeros(0, np.int64)] * (-len(rows) % rows_multiple)
-    width = packing.score_width([packing.scored_count(pairs, r) for r in rows], ROW)
     packed = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=ROW,
-                               max_pairs_per_row=MAX_PAIRS, score_width=width)
-    slot_pair = np.full(len(rows) * MAX_PAIRS, -1)
-    for b, row in enumerate(rows):
-        slot_pair[b * MAX_PAIRS:b * MAX_PAIRS + len(row)] = row
-    return padded, packed, slot_pair
+                               max_pairs_per_row=MAX_PAIRS)
+    return padded, packed, packing.slot_pairs(rows, MAX_PAIRS)
 
 
 def objective(graphdef, chunk):
