@@ -1,11 +1,35 @@
 """simpo_jax command line: python run.py --config=configs/tiny.py [--config.field=value ...] [--mode=train]."""
 
+import ast
 import os
 import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from simpo_jax import config as config_lib
+
+
+class DatasetMixerParser(flags.ArgumentParser):
+    """--config.dataset_mixer='{"name or path": amount, ...}' -> a plain dict, keys kept whole."""
+
+    def parse(self, argument):
+        if not isinstance(argument, str):  # the config file's own value, given as the default
+            return argument
+        try:
+            value = ast.literal_eval(argument)
+        except (SyntaxError, ValueError) as e:
+            value = e
+        if not isinstance(value, dict):
+            got = value.msg if isinstance(value, SyntaxError) else f"{type(value).__name__} {value!r}"
+            raise ValueError(f"not a dict literal ({got}); give {{dataset name or path: fraction or "
+                             "row count}, e.g. --config.dataset_mixer="
+                             f"'{config_lib.DATASET_MIXER_EXAMPLE}'")
+        return value
+
+
+config_flags.register_flag_parser_for_type(config_lib.DATASET_MIXER_TYPES, DatasetMixerParser())
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file.",
                                           lock_config=True)
@@ -37,9 +61,22 @@ def parse_flags(argv):
             print(f"run.py: error: {flag[0]}: {name.group(1)!r} is not a config field"
                   + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
                   + "; configs/base.py lists the fields.", file=sys.stderr)
+        elif isinstance(e, flags.IllegalFlagValueError):
+            print(f"run.py: error: {flag_error(str(e))}", file=sys.stderr)
         else:
             print(f"run.py: error: {type(e).__name__}: {raw}".splitlines()[0], file=sys.stderr)
         sys.exit(2)
+
+
+def flag_error(message: str) -> str:
+    """absl's 'flag --x=v: why' as '--x=v: why'; a config file's traceback as its last line and frame."""
+    lines = [line for line in message.removeprefix("flag ").splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Traceback"):
+        frames = [line.strip() for line in lines if line.strip().startswith('File "')
+                  and "site-packages" not in line]
+        return (f"{lines[0].removesuffix(' Error whilst parsing config file:')} {lines[-1].strip()}"
+                + (f" ({frames[-1]})" if frames else ""))
+    return " ".join(lines)
 
 
 def main(argv):

@@ -8,15 +8,18 @@ Run: python run.py --config=configs/base.py --config.model_name_or_path=/path/to
 
 import ml_collections
 
+from simpo_jax import config as config_lib
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     # --- Model ---------------------------------------------------------------------------------
-    c.model_name_or_path = ""  # local Hugging Face folder (config.json + safetensors)
+    c.model_name_or_path = ""  # local Hugging Face folder or Hub repo id (downloaded into the HF cache)
     c.model_init = ml_collections.ConfigDict()  # config.json fields for a randomly initialised model
     c.model_init_seed = 0  # PRNG seed of that random initialisation
     c.tokenizer_name_or_path = ""  # "" = model_name_or_path
+    c.revision = ""  # Hub branch, tag or commit of model_name_or_path and tokenizer; "" = main
     c.trust_remote_code = False  # never run code shipped with a checkpoint unless asked
     c.bf16 = False  # bfloat16 compute over float32 master parameters
     c.gradient_checkpointing = False  # rematerialise each decoder block in the backward pass
@@ -25,9 +28,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.logits_chunk_size = 0  # positions per LM-head chunk in the loss; 0 = all at once
 
     # --- Data ----------------------------------------------------------------------------------
-    c.dataset_mixer = ml_collections.ConfigDict(allow_dotted_keys=True)  # {name_or_path: fraction <= 1 or row count}
+    # {name_or_path: fraction <= 1 or row count}. A reference typed dict-or-ConfigDict, so a recipe's
+    # plain dict is kept as it is: a ConfigDict would reject the dots in "/data/prefs.v1/train.jsonl".
+    c.dataset_mixer = ml_collections.FieldReference(ml_collections.ConfigDict(allow_dotted_keys=True),
+                                                    field_type=config_lib.DATASET_MIXER_TYPES)
     c.dataset_splits = ("train_prefs", "test_prefs")
     c.data_format = "auto"  # auto | ultrafeedback | messages | distilabel_math | plain
+    # "" = the tokenizer's own; "alignment_handbook" = the handbook's default template, which the
+    # original SimPO scripts give base models that have none (Mistral-7B-v0.1); or a Jinja
+    # template, inline or as a path to a .jinja file. The export carries the template trained with.
+    c.chat_template = ""
     c.assistant_header_in = "prompt"  # prompt (TRL) | completion (original SimPO scripts)
     c.max_length = 1024  # tokens, prompt + completion
     c.max_prompt_length = 512  # tokens

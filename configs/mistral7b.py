@@ -22,6 +22,7 @@ def get_config():
     # --- Data ---
     c.dataset_mixer = {"HuggingFaceH4/ultrafeedback_binarized": 1.0}
     c.dataset_splits = ("train_prefs", "test_prefs")
+    c.chat_template = "alignment_handbook"  # the base model has none; as the SimPO scripts do
     c.max_length = 1024
     c.max_prompt_length = 512
     c.preprocessing_num_workers = 12

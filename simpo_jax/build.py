@@ -22,6 +22,7 @@ from flax import nnx
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import config as config_lib
 from simpo_jax import data as data_lib
+from simpo_jax import hub
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
@@ -64,11 +65,21 @@ def resolve_path(path: str) -> str:
     return candidate if os.path.exists(candidate) else path
 
 
-def model_config(config, tokenizer) -> dict:
-    """config.json fields of the model to train: the checkpoint's, or config.model_init's."""
+def pretrained_paths(config) -> tuple[str, str]:
+    """(model folder or "" for model_init, tokenizer folder): local paths, Hub ids downloaded."""
+    model = tokenizer = ""
     if config.model_name_or_path:
-        path = resolve_path(config.model_name_or_path)
-        with open(os.path.join(path, "config.json")) as f:
+        model = hub.resolve_pretrained(config.model_name_or_path, revision=config.revision)
+    if config.tokenizer_name_or_path and config.tokenizer_name_or_path != config.model_name_or_path:
+        tokenizer = hub.resolve_pretrained(config.tokenizer_name_or_path, revision=config.revision,
+                                           weights=False, field="tokenizer_name_or_path")
+    return model, tokenizer or model
+
+
+def model_config(config, tokenizer, model_path: str) -> dict:
+    """config.json fields of the model to train: the checkpoint's, or config.model_init's."""
+    if model_path:
+        with open(os.path.join(model_path, "config.json")) as f:
             return json.load(f)
     hf_config = config.model_init.to_dict()
     if hf_config["vocab_size"] < len(tokenizer):
@@ -79,17 +90,17 @@ def model_config(config, tokenizer) -> dict:
     return hf_config
 
 
-def load_params(config, tokenizer, mesh, *, weights: bool):
+def load_params(config, tokenizer, mesh, model_path: str, *, weights: bool):
     """(graphdef, params): loaded into their shardings, or abstract when a checkpoint will fill them."""
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     remat = config.remat_policy if config.gradient_checkpointing else "none"
     kwargs = dict(dtype=dtype, param_dtype=jnp.float32, remat_policy=remat,
                   attention=config.attention_implementation)
-    hf_config = model_config(config, tokenizer)
+    hf_config = model_config(config, tokenizer, model_path)
     if not weights:
         model = nnx.eval_shape(lambda: models.from_config(hf_config, **kwargs))
-    elif config.model_name_or_path:
-        model = models.from_pretrained(resolve_path(config.model_name_or_path), mesh=mesh, **kwargs)
+    elif model_path:
+        model = models.from_pretrained(model_path, mesh=mesh, **kwargs)
     else:
         model = models.from_config(hf_config, seed=config.model_init_seed, mesh=mesh, **kwargs)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -121,10 +132,17 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
               f"{dict(mesh.shape)}) x gradient_accumulation_steps "
               f"{config.gradient_accumulation_steps}", flush=True)
 
-    data_config = dataclasses.replace(
-        data_lib.DataConfig.from_config(config),
-        tokenizer_name_or_path=resolve_path(config.tokenizer_name_or_path
-                                            or config.model_name_or_path))
+    # The Hub before any tokenisation (data sets before the model download), so a bad name costs
+    # seconds, not minutes.
+    if with_data:
+        for name in config.dataset_mixer:
+            if data_lib.formats.resolve_local(name) is None and not data_lib.formats.looks_local(name):
+                hub.check_dataset(name)
+    model_path, tokenizer_path = pretrained_paths(config)
+    if with_data and config.push_to_hub and jax.process_index() == 0:
+        (log.info if config.hub_private_repo else log.warning)("%s", hub.upload_notice(config))
+    data_config = dataclasses.replace(data_lib.DataConfig.from_config(config),
+                                      tokenizer_name_or_path=tokenizer_path)
     tokenizer = data_lib.load_tokenizer(data_config)
     data, total_steps, pack = None, 1, None
     if with_data:
@@ -151,7 +169,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     checkpointer = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
                                          save_total_limit=config.save_total_limit)
     restoring = bool(checkpointer.steps() or config.resume_from)
-    graphdef, params = load_params(config, tokenizer, mesh, weights=not restoring)
+    graphdef, params = load_params(config, tokenizer, mesh, model_path, weights=not restoring)
     tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps,
                                         schedule)
     loss_cfg = loss_lib.LossConfig.from_config(config)
@@ -169,7 +187,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     eval_step = step_lib.jit_eval_step(mesh, state_sh.params, graphdef=graphdef, cfg=loss_cfg,
                                        logits_chunk_size=config.logits_chunk_size)
     meta = {
-        "model": json.loads(json.dumps(model_config(config, tokenizer), default=str)),
+        "model": json.loads(json.dumps(model_config(config, tokenizer, model_path), default=str)),
         "data_fingerprint": data.fingerprint if data else None,
         "global_batch": global_batch,
         "total_steps": total_steps,
@@ -183,7 +201,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     if isinstance(jax.tree.leaves(run.state.params)[0], jax.ShapeDtypeStruct):
         # Every checkpoint was unreadable: start from the configured weights after all.
         log.warning("No checkpoint restored; starting from the configured model weights.")
-        graphdef, params = load_params(config, tokenizer, mesh, weights=True)
+        graphdef, params = load_params(config, tokenizer, mesh, model_path, weights=True)
         run.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
     return run
 

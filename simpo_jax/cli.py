@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 
 def main(config, mode: str = "train"):
@@ -16,7 +17,13 @@ def main(config, mode: str = "train"):
              "plan": plan}
     if mode not in modes:
         raise ValueError(f"--mode={mode!r}: must be one of {sorted(modes)}.")
-    return modes[mode](config)
+    from simpo_jax import hub
+
+    try:
+        return modes[mode](config)
+    except hub.HubError as e:  # the message is the whole story: no traceback
+        print(f"run.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def plot(config) -> list[str]:

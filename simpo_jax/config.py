@@ -20,6 +20,10 @@ POSITIVE = ("beta", "learning_rate", "max_length", "max_prompt_length", "per_dev
             "eval_steps", "save_steps", "pack_max_pairs_per_row")
 NON_NEGATIVE = ("gamma_beta_ratio", "sft_weight", "warmup_steps", "weight_decay", "max_grad_norm",
                 "warmup_ratio", "pack_row_length", "pack_rows_per_device")
+# What config.dataset_mixer holds: a plain dict, whose keys (paths, Hub names) may contain dots, or
+# a ConfigDict made with allow_dotted_keys=True. run.py parses --config.dataset_mixer for this type.
+DATASET_MIXER_TYPES = (dict, ml_collections.ConfigDict)
+DATASET_MIXER_EXAMPLE = '{"/data/prefs.v1/train.jsonl": 1.0, "HuggingFaceH4/ultrafeedback_binarized": 0.5}'
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -51,8 +55,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.model_name_or_path and not config.tokenizer_name_or_path:
         raise ValueError("config.model_init needs config.tokenizer_name_or_path (a tokenizer folder).")
     if not len(config.dataset_mixer):
-        raise ValueError("config.dataset_mixer is empty: give {dataset name or local path: fraction}.")
+        raise ValueError("config.dataset_mixer is empty: give {dataset name or local path: fraction "
+                         f"or row count}}, e.g. {DATASET_MIXER_EXAMPLE}.")
     for name, amount in config.dataset_mixer.items():
-        if not amount > 0:
-            raise ValueError(f"config.dataset_mixer[{name!r}]={amount}: must be a fraction in (0, 1] "
-                             "or a row count > 1.")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"config.dataset_mixer key {name!r}: must be a dataset name or local path.")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not (
+                0 < amount <= 1 or amount > 1 and float(amount).is_integer()):
+            raise ValueError(f"config.dataset_mixer[{name!r}]={amount!r}: must be a fraction in (0, 1] "
+                             "or a whole row count > 1.")

@@ -1,9 +1,13 @@
-"""Model card and upload of an exported Hugging Face folder to the Hub."""
+"""The Hugging Face Hub: models and tokenizers by repo id, model cards, uploads of an export."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+
+log = logging.getLogger(__name__)
 
 CITATION = """@inproceedings{meng2024simpo,
   title={{SimPO}: Simple Preference Optimization with a Reference-Free Reward},
@@ -69,19 +73,243 @@ def hub_api():
     return HfApi()
 
 
+def export_files(out_dir: str) -> list[str]:
+    """The files of a Hugging Face export in `out_dir`: config, weights, tokenizer, model card.
+
+    Never checkpoints, logs, plots, samples or data reports, whatever else the folder holds.
+    """
+    present = set(os.listdir(out_dir))
+    files = [f for f in CONFIG_FILES + TOKENIZER_FILES + ("README.md",) if f in present]
+    if WEIGHTS_INDEX in present:
+        with open(os.path.join(out_dir, WEIGHTS_INDEX)) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files += [WEIGHTS_INDEX] + shards
+    elif "model.safetensors" in present:
+        files.append("model.safetensors")
+    missing = [f for f in ("config.json",) + tuple(files) if f not in present]
+    if missing or not any(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"{out_dir} is not a complete export (missing {missing or 'weights'}); "
+                         "run --mode=export first.")
+    return files
+
+
 def push(out_dir: str, repo_id: str, *, private: bool = False, api=None) -> str:
-    """Uploads `out_dir` to `repo_id`; errors say why and that the local export is kept."""
+    """Uploads exactly the export's files of `out_dir` to `repo_id`; stale weight shards go.
+
+    Errors say why and that the local export is kept.
+    """
     if not repo_id:
         raise ValueError("push_to_hub=True needs config.hub_model_id (e.g. 'your-name/model-simpo').")
+    files = export_files(out_dir)
     api = api or hub_api()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=out_dir,
+        info = api.upload_folder(repo_id=repo_id, folder_path=out_dir, allow_patterns=files,
+                                 delete_patterns=["*.safetensors", WEIGHTS_INDEX],
                                  commit_message="Upload SimPO model trained with simpo_jax")
     except Exception as e:
         raise RuntimeError(
             f"Uploading {out_dir} to the Hub as {repo_id} failed ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). The local export in {out_dir} is kept; "
-            "check the network and the token (huggingface-cli login or HF_TOKEN), then rerun with "
+            "check the network and the token (hf auth login or HF_TOKEN), then rerun with "
             "--mode=export.") from e
     return str(getattr(info, "commit_url", info))
+
+
+def upload_notice(config) -> str:
+    """The start-up line that says where the export will be uploaded and who can see it."""
+    visibility = ("private (hub_private_repo=True)" if config.hub_private_repo else
+                  "PUBLIC, so anyone can download it (hub_private_repo=True keeps it private)")
+    return (f"push_to_hub: at the end the model, tokenizer and model card (nothing else) are "
+            f"uploaded to {config.hub_model_id or '<hub_model_id is not set>'}; a new repo is "
+            f"created {visibility}.")
+
+
+# --- Downloads: a Hub repo id -> a local snapshot folder in the Hugging Face cache ---------------
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "tokenizer.model.v3", "vocab.json",
+                   "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json")
+WEIGHTS_INDEX = "model.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+class HubError(ValueError):
+    """A model or tokenizer that cannot be had from the Hub; the message names the fix."""
+
+
+def resolve_pretrained(name_or_path: str, *, revision: str = "", weights: bool = True,
+                       field: str = "model_name_or_path") -> str:
+    """A local folder for `name_or_path`: as given if it exists, else a download of that Hub repo.
+
+    Only what a run reads is fetched (config, safetensors weights, tokenizer, chat template), into
+    the Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_TOKEN for gated models). In a multi-process
+    run process 0 downloads first and the others then fetch the same commit, so no two processes
+    on one host write a cache file at once (and each host of a pod fills its own cache).
+    """
+    from simpo_jax.data.formats import looks_local, resolve_local
+
+    local = resolve_local(name_or_path)
+    if local is not None:
+        if revision:
+            log.warning("%s=%r is a local folder: revision=%r is ignored.", field, name_or_path,
+                        revision)
+        return local
+    if looks_local(name_or_path) or name_or_path.count("/") > 1:
+        raise HubError(f"{field}={name_or_path!r}: no such folder (looked from {os.getcwd()} and "
+                       "the repository root). Give a local Hugging Face folder or a Hub repo id "
+                       "such as 'mistralai/Mistral-7B-v0.1'.")
+    return _first_on_process_zero(lambda rev: _download(name_or_path, rev, weights, field),
+                                  revision)
+
+
+def _first_on_process_zero(download, revision: str) -> str:
+    """Process 0 downloads; the others wait, then fetch the commit process 0 got (from the cache)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return download(revision)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    path, error = None, None
+    if jax.process_index() == 0:
+        try:
+            path = download(revision)
+        except Exception as e:  # told to the others before it is raised here
+            error = e
+    commit = os.path.basename(path) if path and COMMIT.fullmatch(os.path.basename(path)) else ""
+    sent = np.frombuffer((("E" if error is not None else "C") + commit).ljust(41).encode(), np.uint8)
+    got = bytes(multihost_utils.broadcast_one_to_all(sent)).decode().strip()
+    if got.startswith("E"):
+        if error is not None:
+            raise error
+        raise HubError("Process 0 could not download the model or tokenizer; its log says why.")
+    if jax.process_index() != 0:
+        path = download(got[1:] or revision)
+    multihost_utils.sync_global_devices("simpo_jax hub downloads")
+    return path
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _download(repo_id: str, revision: str, weights: bool, field: str) -> str:
+    """snapshot_download of the files a run needs; each failure is one HubError with its fix."""
+    import httpx2
+    from huggingface_hub import HfApi, constants, get_token, snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    where = f"{field}={repo_id!r}" + (f" (revision {revision!r})" if revision else "")
+    local_fix = (f"To use a local copy instead, set {field} to a folder holding config.json, "
+                 "*.safetensors and the tokenizer files.")
+    offline = constants.is_offline_mode()
+    patterns, commit, unreachable = None, revision or None, ""
+    if not offline:
+        try:
+            info = HfApi().model_info(repo_id, revision=revision or None, timeout=30)
+        except (httpx2.ConnectError, httpx2.TimeoutException) as e:
+            offline, unreachable = True, _first_line(e)  # the cache may still hold it
+        except hf_errors.RevisionNotFoundError:
+            raise HubError(f"{where}: the repo has no revision {revision!r}; give a branch, tag or "
+                           "commit of it (config.revision).") from None
+        except hf_errors.RepositoryNotFoundError:
+            token = "" if get_token() else " If it is private, log in (hf auth login) or set HF_TOKEN."
+            raise HubError(f"{where}: no such model repo on {constants.ENDPOINT}; check the "
+                           f"spelling.{token} {local_fix}") from None
+        except hf_errors.HfHubHTTPError as e:
+            raise HubError(f"{where}: the Hub answered {_first_line(e)}. {local_fix}") from None
+        else:
+            patterns = _needed_files([s.rfilename for s in info.siblings or ()], weights, where)
+            commit = info.sha
+            if info.gated and not get_token():
+                raise HubError(_gated(where, repo_id, "no Hugging Face token is set"))
+    if offline:
+        patterns = list(CONFIG_FILES + TOKENIZER_FILES) + ([WEIGHTS_INDEX, "model.safetensors",
+                                                           "model-*-of-*.safetensors"]
+                                                          if weights else [])
+    try:
+        path = snapshot_download(repo_id, revision=commit, allow_patterns=patterns,
+                                 local_files_only=offline)
+    except hf_errors.GatedRepoError:
+        raise HubError(_gated(where, repo_id, "your token has no access to it")) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise HubError(f"{where}: no such model repo, or no access with this token. "
+                       f"{local_fix}") from None
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.HfHubHTTPError) as e:
+        if unreachable:
+            why = (f"the Hub at {constants.ENDPOINT} cannot be reached ({unreachable}) and the model "
+                   f"is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); check the network")
+        elif offline:
+            why = ("HF_HUB_OFFLINE=1 and the model is not in the Hugging Face cache "
+                   f"({constants.HF_HUB_CACHE})")
+        else:
+            why = f"the download failed ({_first_line(e)})"
+        raise HubError(f"{where}: {why}. {local_fix}") from None
+    if weights:  # from the cache alone: nothing listed the repo, so check what came
+        _needed_files(os.listdir(path), weights, where)
+    return path
+
+
+def check_dataset(name: str) -> None:
+    """Fails in a second, with the fix, when a Hub data set of dataset_mixer cannot be had.
+
+    Runs before the model download and tokenisation; offline (HF_HUB_OFFLINE=1), the datasets
+    cache decides instead.
+    """
+    import httpx2
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub import errors as hf_errors
+
+    if constants.is_offline_mode():
+        return
+    where = f"dataset_mixer entry {name!r}"
+    local_fix = ("Local data work too: a .jsonl/.json/.parquet/.csv file or a folder of split "
+                 "files, e.g. --config.dataset_mixer='{\"/data/prefs.v1/train.jsonl\": 1.0}'.")
+    try:
+        info = HfApi().dataset_info(name, timeout=30)
+    except (httpx2.ConnectError, httpx2.TimeoutException) as e:
+        raise HubError(f"{where}: the Hub at {constants.ENDPOINT} cannot be reached "
+                       f"({_first_line(e)}); check the network, or set HF_HUB_OFFLINE=1 to use a "
+                       f"copy in the Hugging Face cache. {local_fix}") from None
+    except hf_errors.RepositoryNotFoundError:
+        token = "" if get_token() else " If it is private, log in (hf auth login) or set HF_TOKEN."
+        raise HubError(f"{where}: no such data set on {constants.ENDPOINT}; check the spelling."
+                       f"{token} {local_fix}") from None
+    except (hf_errors.HfHubHTTPError, hf_errors.HFValidationError) as e:
+        raise HubError(f"{where}: {_first_line(e)}. {local_fix}") from None
+    if info.gated and not get_token():
+        raise HubError(_gated(where, f"datasets/{name}", "no Hugging Face token is set"))
+
+
+def _needed_files(files: list[str], weights: bool, where: str) -> list[str]:
+    """The repo's top-level files a run reads; a repo without safetensors weights is refused."""
+    top = [f for f in files if "/" not in f]
+    needed = [f for f in top if f in CONFIG_FILES + TOKENIZER_FILES or f.endswith(".tiktoken")]
+    if not weights:
+        return needed
+    if "config.json" not in top:
+        raise HubError(f"{where}: the repo has no config.json, so it is not a transformers model.")
+    if WEIGHTS_INDEX in top:
+        return needed + [WEIGHTS_INDEX] + [f for f in top if SHARD_PATTERN.fullmatch(f)]
+    if "model.safetensors" in top:
+        return needed + ["model.safetensors"]
+    pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    raise HubError(
+        f"{where}: the repo has no safetensors weights (model.safetensors or {WEIGHTS_INDEX})"
+        + (f", only PyTorch pickles ({', '.join(sorted(pickles)[:3])})" if pickles else "")
+        + ". simpo_jax never loads pickles: convert them to safetensors (e.g. a 'refs/pr/N' "
+        "conversion branch of the repo, given as config.revision), or use a local folder.")
+
+
+def _gated(where: str, repo_id: str, why: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"{where} is gated and {why}: accept its licence at "
+            f"{constants.ENDPOINT}/{repo_id}, then log in (hf auth login) or set HF_TOKEN to a "
+            "token of that account.")
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"

@@ -353,4 +353,4 @@ if __name__ == "__main__":  # the GPU estimate's subprocess: a JSON config on st
 
     import ml_collections
 
-    plan(ml_collections.ConfigDict(json.loads(sys.stdin.read())))
+    plan(ml_collections.ConfigDict(json.loads(sys.stdin.read()), allow_dotted_keys=True))

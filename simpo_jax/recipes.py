@@ -31,7 +31,6 @@ IGNORED = {
     "overwrite_output_dir": "a run resumes from output_dir's latest checkpoint instead",
     "remove_unused_columns": "the data pipeline keeps only what it needs",
     "hub_strategy": "the export is pushed once, at --mode=export or the end",
-    "model_revision": "local folders have no revisions",
     "dataloader_num_workers": "batches are prefetched by a background thread",
     "torch_compile": "the step is jitted by XLA",
 }
@@ -87,6 +86,9 @@ def load_yaml_recipe(path: str) -> tuple[ml_collections.ConfigDict, list[str]]:
             else:
                 notes.append(f"torch_dtype: {value!r} ignored (parameters are float32 masters; "
                              "bf16 sets the compute dtype)")
+        elif key == "model_revision":
+            config.revision = "" if value in (None, "main") else str(value)
+            notes.append(f"model_revision: {value!r} mapped to revision")
         elif key == "fp16":
             if value:
                 config.bf16 = True

@@ -9,6 +9,7 @@ import os
 import time
 
 import jax
+import ml_collections
 from flax import nnx
 
 from simpo_jax import checkpoint as ckpt_lib
@@ -183,8 +184,7 @@ def lr_find(config) -> dict:
     out = os.path.join(config.output_dir, "lr_find")
     if jax.process_index() == 0 and os.path.exists(out):
         shutil.rmtree(out)
-    sweep = config.copy_and_resolve_references()
-    sweep.unlock()
+    sweep = ml_collections.ConfigDict(config.to_dict(), allow_dotted_keys=True)  # dotted mixer keys
     sweep.output_dir, sweep.resume_from, sweep.max_steps = out, "", config.lr_find_steps
     sweep.lock()
     schedule = optim.range_test_schedule(config.lr_find_min, config.lr_find_max,

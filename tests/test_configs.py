@@ -1,12 +1,17 @@
 """Every file in configs/ loads the way run.py loads it, validates, and documents its command."""
 
 import glob
+import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 from ml_collections import config_flags
 
 from simpo_jax import config as config_lib
+from simpo_jax.data import DataConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -113,3 +118,88 @@ def test_yaml_recipe_trains_a_tiny_model(tmp_path):
     assert "optim: ignored" in proc.stdout
     assert "train step 4/4" in proc.stdout
     assert os.path.exists(tmp_path / "out" / "config.json")
+
+
+# Keys users have: absolute paths with dots, dot-folders, Hub names with and without dots.
+DOTTED = {"/data/prefs.v1/train.jsonl": 1.0, "~/.cache/prefs/train.jsonl": 0.25, "org/data.v2": 2000,
+          "argilla/ultrafeedback-binarized-preferences-cleaned": 0.5,
+          "HuggingFaceH4/ultrafeedback_binarized": 1.0}
+PARSE = """import json, sys
+from absl import flags
+import run
+from simpo_jax.data import DataConfig
+run.parse_flags(sys.argv)
+print(json.dumps(DataConfig.from_config(flags.FLAGS.config).dataset_mixer))
+"""
+
+
+def parse_like_run_py(*args):
+    """run.py's own flag parsing of ARGS in a fresh interpreter; stdout is the DataConfig mixer."""
+    return subprocess.run([sys.executable, "-c", PARSE, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_dotted_mixer_keys_from_a_config_file(tmp_path):
+    (tmp_path / "dotted.py").write_text(
+        "from configs import tiny\n\n\ndef get_config():\n    c = tiny.get_config()\n"
+        f"    c.dataset_mixer = {DOTTED!r}\n    return c\n")
+    proc = parse_like_run_py(f"--config={tmp_path / 'dotted.py'}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [list(item) for item in DOTTED.items()]
+    config, _ = load(str(tmp_path / "dotted.py"))
+    config.lock()
+    config_lib.validate(config)
+    assert DataConfig.from_config(config).dataset_mixer == tuple(DOTTED.items())
+
+
+def test_dotted_mixer_keys_from_the_command_line():
+    proc = parse_like_run_py("--config=configs/tiny.py", f"--config.dataset_mixer={json.dumps(DOTTED)}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [list(item) for item in DOTTED.items()]
+
+
+def test_dotted_mixer_keys_from_a_yaml_recipe(tmp_path):
+    from simpo_jax import recipes
+
+    path = tmp_path / "dotted.yaml"
+    path.write_text("dataset_mixer:\n" + "".join(f"  {k}: {v}\n" for k, v in DOTTED.items()))
+    config, _ = recipes.load_yaml_recipe(str(path))
+    assert dict(DataConfig.from_config(config).dataset_mixer) == DOTTED
+
+
+def test_readme_mixer_examples_parse():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    examples = re.findall(r"--config\.dataset_mixer='([^']+)'", readme)
+    assert examples
+    for example in examples:
+        proc = parse_like_run_py("--config=configs/tiny.py", f"--config.dataset_mixer={example}")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == [list(item) for item in json.loads(example).items()]
+
+
+@pytest.mark.parametrize("value", ['{"/data/prefs.v1/train.jsonl" 1.0}', '["/data/prefs.v1"]',
+                                   "/data/prefs.v1"])
+def test_malformed_mixer_is_one_line_with_a_valid_example(value):
+    proc = parse_like_run_py("--config=configs/tiny.py", f"--config.dataset_mixer={value}")
+    assert proc.returncode == 2 and not proc.stdout
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"run.py: error: --config.dataset_mixer={value}: not a dict literal")
+    example = re.search(r"e\.g\. --config\.dataset_mixer='([^']+)'$", line).group(1)
+    ok = parse_like_run_py("--config=configs/tiny.py", f"--config.dataset_mixer={example}")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_misspelt_field_is_still_rejected():
+    proc = parse_like_run_py("--config=configs/tiny.py", "--config.learnig_rate=1")
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.strip() == ("run.py: error: --config.learnig_rate: 'learnig_rate' is not a "
+                                   "config field (did you mean 'learning_rate'?); configs/base.py "
+                                   "lists the fields.")
+
+
+@pytest.mark.parametrize("amount", [0, -1.0, 1.5, "1.0", True])
+def test_bad_mixer_amount_names_the_entry(amount):
+    config, _ = load(os.path.join(ROOT, "configs", "tiny.py"))
+    config.dataset_mixer = {"/data/prefs.v1/train.jsonl": 1.0, "org/data.v2": amount}
+    with pytest.raises(ValueError, match=re.escape(f"config.dataset_mixer['org/data.v2']={amount!r}:")):
+        config_lib.validate(config)

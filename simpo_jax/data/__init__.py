@@ -38,6 +38,7 @@ class DataConfig:
     preprocessing_num_workers: int = 1
     seed: int = 42
     tokenizer_name_or_path: str = ""
+    chat_template: str = ""  # "" = the tokenizer's; "alignment_handbook"; Jinja text or a .jinja file
     dataset_cache_dir: str = ""  # "" = datasets' default cache
     length_buckets: tuple = ()  # padded batch lengths; () = powers of 2 from 64, max_length
 
@@ -56,6 +57,7 @@ class DataConfig:
                    preprocessing_num_workers=config.preprocessing_num_workers,
                    seed=config.seed,
                    tokenizer_name_or_path=config.tokenizer_name_or_path,
+                   chat_template=config.chat_template,
                    dataset_cache_dir=config.dataset_cache_dir,
                    length_buckets=tuple(config.length_buckets))
 
@@ -130,7 +132,37 @@ def load_tokenizer(data_config: DataConfig):
     if not path:
         raise ValueError("tokenizer_name_or_path and model_name_or_path are both empty; set one "
                          "to a local Hugging Face tokenizer folder.")
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if data_config.chat_template:
+        tokenizer.chat_template = chat_template_text(data_config.chat_template)
+    return tokenizer
+
+
+# alignment-handbook's DEFAULT_CHAT_TEMPLATE (src/alignment/data.py), used by the original SimPO
+# scripts when a tokenizer has none.
+ALIGNMENT_HANDBOOK_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + "
+    "message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' "
+    "+ message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ "
+    "'<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and "
+    "add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def chat_template_text(value: str) -> str:
+    """config.chat_template -> Jinja text: a named template, a .jinja file, or the text itself."""
+    if value == "alignment_handbook":
+        return ALIGNMENT_HANDBOOK_TEMPLATE
+    if value.endswith(".jinja"):
+        path = formats.resolve_local(value)
+        if path is None:
+            raise FileNotFoundError(f"chat_template={value!r}: no such file; give a .jinja file, "
+                                    "Jinja text, or 'alignment_handbook'.")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"chat_template={value!r} is neither Jinja text, a .jinja file nor "
+                         "'alignment_handbook'.")
+    return value
 
 
 def build_datasets(data_config: DataConfig, tokenizer) -> PreferenceData:
@@ -209,8 +241,10 @@ def _tokenize(records: list, report: dict, tokenizer, settings, data_config) -> 
     if not records:
         return empty
     if any(r["chat"] for r in records) and not tokenizer.chat_template:
-        raise ValueError("The data holds chat messages but the tokenizer has no chat_template; use a "
-                         "tokenizer with one, or pre-formatted text with data_format='plain'.")
+        raise ValueError("The data holds chat messages but the tokenizer has no chat template (a "
+                         "base model's usually has none): set config.chat_template (e.g. "
+                         "'alignment_handbook', as the original SimPO scripts do, or a .jinja file), "
+                         "or give pre-formatted text with data_format='plain'.")
     import datasets
     key = _cache_key(records, tokenizer, settings)
     cache_dir = os.path.join(data_config.dataset_cache_dir or datasets.config.HF_DATASETS_CACHE,

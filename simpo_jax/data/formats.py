@@ -154,13 +154,19 @@ def _load_hub(name: str, split: str, cache_dir: str):
 
 
 def _hub_error(name: str, offline: bool, err: Exception) -> ValueError:
-    why = "the Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else \
-        f"{type(err).__name__}: {str(err)[:300]}"
-    return ValueError(
+    from simpo_jax.hub import HubError
+
+    why = ("the Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the "
+           "datasets cache") if offline else f"{type(err).__name__}: {_one_line(str(err))}"
+    return HubError(
         f"Cannot load dataset {name!r} from the Hugging Face Hub: {why}. To train on local data, set "
         f"dataset_mixer to a local path instead: a .jsonl/.json/.parquet/.csv file, a folder with "
         f"train_prefs.jsonl and test_prefs.jsonl (or train.jsonl/test.jsonl), or a folder written by "
         f"Dataset.save_to_disk; e.g. --config.dataset_mixer='{{\"/data/prefs\": 1.0}}'.")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300].rstrip(".")
 
 
 # --- Formats -----------------------------------------------------------------------------------

@@ -186,6 +186,11 @@ def save_state(state, out_dir: str, num_layers: int, *, dtype=None, max_shard_si
     shards.append(current)
 
     write = jax.process_index() == 0
+    if write:  # weights of an earlier export here would be mixed with these (or pushed)
+        for old in os.listdir(out_dir):
+            if old == "model.safetensors.index.json" or re.fullmatch(
+                    r"model(-\d+-of-\d+)?\.safetensors", old):
+                os.remove(os.path.join(out_dir, old))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
