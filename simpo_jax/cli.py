@@ -10,10 +10,10 @@ def main(config, mode: str = "train"):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from simpo_jax import evaluation, train
+    from simpo_jax import evaluation, lr_find, train
 
     modes = {"train": train.train, "eval": evaluation.evaluate_checkpoint,
-             "export": train.export_checkpoint, "lr_find": train.lr_find, "plot": plot,
+             "export": train.export_checkpoint, "lr_find": lr_find.lr_find, "plot": plot,
              "plan": plan}
     if mode not in modes:
         raise ValueError(f"--mode={mode!r}: must be one of {sorted(modes)}.")
