@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.pack_row_length = 0  # tokens per packed row; 0 = 2 * max_length (every pair fits)
     c.pack_rows_per_device = 0  # rows per device per micro-batch; 0 = about per_device_train_batch_size pairs
     c.pack_max_pairs_per_row = 32
+    # padded layout: sort each window of batches by length, so a step holds pairs of one length
+    # (less padding, but not the random order TRL and the original SimPO trainer use).
+    c.group_by_length = False
 
     # --- Mesh: data x fsdp x tensor; -1 fills the remaining devices ----------------------------
     c.mesh_data = 1
