@@ -83,7 +83,7 @@ def main(argv):
     del argv
     from simpo_jax import cli  # after flag parsing, so --help stays fast
 
-    cli.main(_CONFIG.value, _MODE.value)
+    cli.main(_CONFIG.value, _MODE.value, argv=sys.argv)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,188 @@
-"""The one function run.py calls: dispatch a validated config to a mode."""
+"""The one function run.py calls: check a config, dispatch it to a mode, sum up a finished run."""
 
 from __future__ import annotations
 
+import difflib
+import glob
 import logging
+import os
+import shlex
 import sys
 
+from simpo_jax import config as config_lib
+from simpo_jax.config import UserError
 
-def main(config, mode: str = "train"):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src", "etils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from simpo_jax import evaluation, lr_find, train
+MODES = ("train", "eval", "export", "lr_find", "plot", "plan")
+BUILDING_MODES = ("train", "eval", "export", "lr_find")  # those that load a model (build.build)
+DATA_MODES = ("train", "eval", "lr_find")
 
-    modes = {"train": train.train, "eval": evaluation.evaluate_checkpoint,
-             "export": train.export_checkpoint, "lr_find": lr_find.lr_find, "plot": plot,
-             "plan": plan}
-    if mode not in modes:
-        raise ValueError(f"--mode={mode!r}: must be one of {sorted(modes)}.")
-    from simpo_jax import hub
 
+def main(config, mode: str = "train", argv: list[str] | None = None):
+    """Runs `mode` on `config`; `argv` (run.py's sys.argv) names the config file in errors and
+    builds the commands of the closing summary. A UserError is one line and exit status 2."""
     try:
-        return modes[mode](config)
-    except hub.HubError as e:  # the message is the whole story: no traceback
+        preflight(config, mode, config_source(argv))
+        avoid_tpu_probe()
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        from simpo_jax import evaluation, lr_find, train
+
+        modes = {"train": train.train, "eval": evaluation.evaluate_checkpoint,
+                 "export": train.export_checkpoint, "lr_find": lr_find.lr_find, "plot": plot,
+                 "plan": plan}
+        result = modes[mode](config)
+    except UserError as e:  # the message is the whole story: no traceback
         print(f"run.py: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if mode == "train" and isinstance(result, dict) and "preempted_at_step" not in result:
+        import jax
+
+        if jax.process_index() == 0:
+            print(closing_summary(config, result, argv), flush=True)
+    return result
+
+
+def preflight(config, mode: str, source: str = "") -> None:
+    """The checks that need nothing loaded: fields, values, data paths, checkpoints to read."""
+    if mode not in MODES:
+        raise UserError(f"--mode={mode!r}: must be one of {list(MODES)}.")
+    if mode not in BUILDING_MODES:
+        config_lib.check_fields(config, source)
+        if mode == "plot" and not os.path.exists(os.path.join(config.output_dir, "metrics.jsonl")):
+            raise UserError(f"--mode=plot: no metrics.jsonl in {config.output_dir}"
+                            f"{missing_output_dir(config)}; train first or check "
+                            "config.output_dir.")
+        return
+    config_lib.validate(config, source)
+    if mode in DATA_MODES:
+        from simpo_jax import data as data_lib
+
+        data_lib.check_paths(config.dataset_mixer)
+    if config.resume_from:
+        from simpo_jax.data import formats
+
+        path = formats.resolve_local(config.resume_from)
+        if path is None or not os.path.isdir(path) or not os.path.basename(
+                os.path.abspath(path)).isdigit():
+            steps = checkpoint_steps(config.output_dir)
+            folder = os.path.join(config.output_dir, "checkpoints")
+            raise UserError(f"config.resume_from={config.resume_from!r}: no such checkpoint step "
+                            "folder; " + (f"{folder} holds steps {steps}." if steps else
+                                          f"give one like {folder}/<step>."))
+    elif mode in ("eval", "export") and not checkpoint_steps(config.output_dir):
+        raise UserError(f"--mode={mode}: no checkpoint in "
+                        f"{os.path.join(config.output_dir, 'checkpoints')}"
+                        f"{missing_output_dir(config)}. Train first (the same command without "
+                        "--mode), check config.output_dir, or set config.resume_from to a "
+                        "checkpoint step folder.")
+
+
+def avoid_tpu_probe() -> None:
+    """On a machine without TPU chips, keeps jax from starting libtpu as a backend.
+
+    With JAX_PLATFORMS unset jax tries every backend it knows; libtpu (installed for the planner's
+    TPU compiler) then logs host-bound and worker-hostname errors before giving up. The planner
+    loads libtpu itself (jax.experimental.topologies), so --mode=plan still compiles for TPUs, and
+    a TPU VM (chips on PCI, /dev/accel*, /dev/vfio) or JAX_PLATFORMS / JAX_FORCE_TPU_INIT keep jax's
+    own choice.
+    """
+    if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    try:  # jax 0.10 has no public switch for this; another version keeps its own behaviour
+        from jax._src import hardware_utils, xla_bridge
+
+        if hardware_utils.num_available_tpu_chips_and_device_id()[0] or \
+                xla_bridge.backends_are_initialized():
+            return
+        registration = xla_bridge._backend_factories.get("tpu")
+    except (ImportError, AttributeError):
+        return
+    if registration is not None:  # still registered: "tpu" stays a known platform for lowerings
+        registration.factory = _no_tpu
+
+
+def _no_tpu():
+    raise RuntimeError("no TPU chips on this machine, so libtpu is not started as a backend")
+
+
+def config_source(argv: list[str] | None) -> str:
+    """The --config file named in `argv`, or ""."""
+    args = list(argv or [])[1:]
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return ""
+
+
+def checkpoint_steps(output_dir: str) -> list[int]:
+    """The finalised checkpoint steps in output_dir (orbax names unfinished ones <step>.orbax-...)."""
+    folder = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n) for n in os.listdir(folder)
+                  if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+
+
+def missing_output_dir(config) -> str:
+    """', and output_dir='outputs/tiyn' does not exist (did you mean 'outputs/tiny'?)', or ''."""
+    path = config.output_dir
+    if os.path.isdir(path):
+        return ""
+    parent = os.path.dirname(os.path.abspath(path))
+    siblings = sorted(d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))) \
+        if os.path.isdir(parent) else []
+    close = difflib.get_close_matches(os.path.basename(os.path.abspath(path)), siblings, n=1)
+    return (f", and output_dir={path!r} does not exist"
+            + (f" (did you mean {os.path.join(os.path.dirname(path), close[0])!r}?)" if close else ""))
+
+
+def command(argv: list[str] | None, mode: str, *extra: str) -> str:
+    """The user's run.py command line with --mode=`mode` (and `extra`) in place of theirs."""
+    argv = list(argv or ["run.py", "--config=CONFIG"])
+    args, skip = [], False
+    for a in argv[1:]:
+        name = a.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in ("--mode", "--config.hub_model_id"):
+            skip = "=" not in a  # `--mode eval`: the value is the next word
+        elif name not in ("--config.push_to_hub", "--config.nopush_to_hub"):
+            args.append(a)
+    return "python " + shlex.join([argv[0], *args, f"--mode={mode}", *extra])
+
+
+SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def closing_summary(config, final: dict, argv: list[str] | None) -> str:
+    """What a finished run left: final eval metrics, the model folder, how to evaluate and push it."""
+    steps = checkpoint_steps(config.output_dir)
+    folder = os.path.abspath(config.output_dir)
+    lines = [f"Training finished at step {steps[-1] if steps else '?'}."]
+    if final:
+        lines.append("Final eval (all in eval_results.json): " + ", ".join(
+            f"{k} {final[k]:.4g}" for k in SUMMARY_METRICS if k in final))
+    else:
+        lines.append("Final eval: none (no eval split; see config.dataset_splits).")
+    lines.append(f"Hugging Face model folder: {folder} "
+                 f"(transformers.AutoModelForCausalLM.from_pretrained({folder!r}) loads it)")
+    lines.append(f"Evaluate it:        {command(argv, 'eval')}")
+    if config.push_to_hub:
+        lines.append(f"Pushed to the Hub as {config.hub_model_id}.")
+    else:
+        name = config.hub_model_id or "your-name/" + os.path.basename(folder)
+        lines.append("Push it to the Hub: " + command(argv, "export", "--config.push_to_hub=True",
+                                                      f"--config.hub_model_id={name}"))
+    return "\n".join(lines)
 
 
 def plot(config) -> list[str]:
     """--mode=plot: PNGs of <output_dir>/metrics.jsonl in <output_dir>/plots."""
-    import os
-
     from simpo_jax import plots
 
     paths = plots.plot_metrics(os.path.join(config.output_dir, "metrics.jsonl"), config.output_dir)

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
+
+
+class UserError(ValueError):
+    """A mistake in the config, the data or the output folder; the message names it and the fix.
+
+    run.py prints it as one line (`run.py: error: ...`, exit status 2) without a traceback; any
+    other exception is a bug and keeps its traceback.
+    """
+
 
 CHOICES = {
     "loss_type": ("sigmoid", "hinge"),
@@ -26,41 +37,72 @@ DATASET_MIXER_TYPES = (dict, ml_collections.ConfigDict)
 DATASET_MIXER_EXAMPLE = '{"/data/prefs.v1/train.jsonl": 1.0, "HuggingFaceH4/ultrafeedback_binarized": 0.5}'
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first invalid field."""
+def check_fields(config: ml_collections.ConfigDict, source: str = "") -> None:
+    """Raises UserError when `config` has a field configs/base.py does not define, or lacks one.
+
+    ml_collections lets a config file add fields (`c.learnig_rate = 1e-1` would train at the
+    default rate); the lock on the command line comes after that. `model_init` (config.json fields)
+    and `dataset_mixer` (data set names) hold free-form keys and are not compared. `source` names
+    where the config came from (its file) in the message.
+    """
+    from configs import base
+
+    fields = set(base.get_config().keys())
+    unknown = sorted(set(config.keys()) - fields)
+    if unknown:
+        named = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(fields), n=1)
+            named.append(f"config.{name}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        verb = "is not a config field" if len(named) == 1 else "are not config fields"
+        raise UserError((f"{source} sets {' and '.join(named)}, which {verb}" if source else
+                         f"{' and '.join(named)} {verb}") + "; configs/base.py lists the fields.")
+    missing = sorted(fields - set(config.keys()))
+    if missing:
+        raise UserError(f"{source or 'the config'} has no field {', '.join(missing)}: start a "
+                        "config file from configs/base.py's get_config() (or another file in "
+                        "configs/) and change the fields it needs.")
+
+
+def validate(config: ml_collections.ConfigDict, source: str = "") -> None:
+    """Raises UserError naming an unknown field or the first invalid value."""
+    check_fields(config, source)
     for field, valid in CHOICES.items():
         if config[field] not in valid:
-            raise ValueError(f"config.{field}={config[field]!r}: must be one of {valid}.")
+            raise UserError(f"config.{field}={config[field]!r}: must be one of {valid}.")
     for field in POSITIVE:
         if not config[field] > 0:
-            raise ValueError(f"config.{field}={config[field]!r}: must be > 0.")
+            raise UserError(f"config.{field}={config[field]!r}: must be > 0.")
     for field in NON_NEGATIVE:
         if config[field] < 0:
-            raise ValueError(f"config.{field}={config[field]!r}: must be >= 0.")
+            raise UserError(f"config.{field}={config[field]!r}: must be >= 0.")
     if not 0.0 <= config.label_smoothing < 0.5:
-        raise ValueError(f"config.label_smoothing={config.label_smoothing}: must be in [0, 0.5).")
+        raise UserError(f"config.label_smoothing={config.label_smoothing}: must be in [0, 0.5).")
     if config.loss_type == "hinge" and config.label_smoothing:
-        raise ValueError(f"config.label_smoothing={config.label_smoothing} does not apply to "
-                         "loss_type='hinge': set it to 0.0 or use loss_type='sigmoid'.")
+        raise UserError(f"config.label_smoothing={config.label_smoothing} does not apply to "
+                        "loss_type='hinge': set it to 0.0 or use loss_type='sigmoid'.")
     if config.warmup_ratio > 1:
-        raise ValueError(f"config.warmup_ratio={config.warmup_ratio}: must be in [0, 1].")
+        raise UserError(f"config.warmup_ratio={config.warmup_ratio}: must be in [0, 1].")
     if config.max_prompt_length >= config.max_length:
-        raise ValueError(f"config.max_prompt_length={config.max_prompt_length} must be smaller than "
-                         f"config.max_length={config.max_length}, or no completion token fits.")
+        raise UserError(f"config.max_prompt_length={config.max_prompt_length} must be smaller than "
+                        f"config.max_length={config.max_length}, or no completion token fits.")
     if config.max_steps <= 0 and config.num_train_epochs <= 0:
-        raise ValueError("Set config.max_steps > 0 or config.num_train_epochs > 0.")
+        raise UserError("Set config.max_steps > 0 or config.num_train_epochs > 0.")
     if bool(config.model_name_or_path) == bool(len(config.model_init)):
-        raise ValueError("Set exactly one of config.model_name_or_path (a Hugging Face folder) and "
-                         "config.model_init (config.json fields for a random initialisation).")
+        raise UserError("Set exactly one of config.model_name_or_path (a Hugging Face folder) and "
+                        "config.model_init (config.json fields for a random initialisation).")
     if not config.model_name_or_path and not config.tokenizer_name_or_path:
-        raise ValueError("config.model_init needs config.tokenizer_name_or_path (a tokenizer folder).")
+        raise UserError("config.model_init needs config.tokenizer_name_or_path (a tokenizer folder).")
+    if config.push_to_hub and not config.hub_model_id:
+        raise UserError("config.push_to_hub=True needs config.hub_model_id (e.g. "
+                        "'your-name/mistral-7b-simpo'): checked now, not after training.")
     if not len(config.dataset_mixer):
-        raise ValueError("config.dataset_mixer is empty: give {dataset name or local path: fraction "
-                         f"or row count}}, e.g. {DATASET_MIXER_EXAMPLE}.")
+        raise UserError("config.dataset_mixer is empty: give {dataset name or local path: fraction "
+                        f"or row count}}, e.g. {DATASET_MIXER_EXAMPLE}.")
     for name, amount in config.dataset_mixer.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"config.dataset_mixer key {name!r}: must be a dataset name or local path.")
+            raise UserError(f"config.dataset_mixer key {name!r}: must be a dataset name or local path.")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not (
                 0 < amount <= 1 or amount > 1 and float(amount).is_integer()):
-            raise ValueError(f"config.dataset_mixer[{name!r}]={amount!r}: must be a fraction in (0, 1] "
-                             "or a whole row count > 1.")
+            raise UserError(f"config.dataset_mixer[{name!r}]={amount!r}: must be a fraction in (0, 1] "
+                            "or a whole row count > 1.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -15,6 +16,7 @@ from simpo_jax import loss as loss_lib
 from simpo_jax import report
 from simpo_jax import step as step_lib
 from simpo_jax.build import Run, build, to_global
+from simpo_jax.config import UserError
 from simpo_jax.models import generate
 
 
@@ -70,10 +72,54 @@ def write_samples(run: Run, step: int) -> list[dict]:
 
 
 def evaluate_checkpoint(config) -> dict:
-    """--mode=eval: metrics of the latest checkpoint (or the initial model) over the eval split."""
+    """--mode=eval: metrics of the latest checkpoint (or config.resume_from) over the eval split.
+
+    Printed; appended to metrics.jsonl only when it holds no eval row for that step yet (training
+    writes one at every evaluation and at the end, so a finished run gets no duplicate); written
+    to eval_results.json (the metrics the model card reports) unless config.resume_from chose
+    the checkpoint.
+    """
     run = build(config)
-    metrics = evaluate(run)
     run.checkpointer.close()
-    report.MetricsWriter(config.output_dir, run.total_steps).write(run.start_step, metrics,
-                                                                    prefix="eval_")
+    if run.start_step == 0 and not config.resume_from:
+        raise UserError(f"--mode=eval: no checkpoint restored from {run.checkpointer.directory}; "
+                        "train first or set config.resume_from to a checkpoint step folder.")
+    if not run.data.eval.num_pairs:
+        raise UserError(f"--mode=eval: no eval split (config.dataset_splits="
+                        f"{list(config.dataset_splits)} has no name containing 'test', or it is "
+                        "empty); name the data's test split there.")
+    metrics = evaluate(run)
+    if jax.process_index() != 0:
+        return metrics
+    writer = report.MetricsWriter(config.output_dir, run.total_steps, stream=io.StringIO())
+    logged = has_eval_row(writer.path, run.start_step)
+    if not logged:
+        writer.write(run.start_step, metrics, prefix="eval_")
+    writer.close()
+    written = ["metrics.jsonl already holds this step's eval row" if logged else
+               "appended to metrics.jsonl"]
+    if not config.resume_from:
+        with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        written.append("written to eval_results.json")
+    print(f"eval of checkpoint {run.checkpointer.directory}/{run.start_step} "
+          f"({run.data.eval.num_pairs} pairs): "
+          + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" ({'; '.join(written)})",
+          flush=True)
     return metrics
+
+
+def has_eval_row(metrics_path: str, step: int) -> bool:
+    """Whether a metrics.jsonl holds an eval row for `step`."""
+    if not os.path.exists(metrics_path):
+        return False
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+            if isinstance(row, dict) and row.get("step") == step and any(
+                    k.startswith("eval_") for k in row):
+                return True
+    return False

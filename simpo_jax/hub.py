@@ -7,6 +7,8 @@ import logging
 import os
 import re
 
+from simpo_jax.config import UserError
+
 log = logging.getLogger(__name__)
 
 CITATION = """@inproceedings{meng2024simpo,
@@ -88,7 +90,7 @@ def export_files(out_dir: str) -> list[str]:
         files.append("model.safetensors")
     missing = [f for f in ("config.json",) + tuple(files) if f not in present]
     if missing or not any(f.endswith(".safetensors") for f in files):
-        raise ValueError(f"{out_dir} is not a complete export (missing {missing or 'weights'}); "
+        raise HubError(f"{out_dir} is not a complete export (missing {missing or 'weights'}); "
                          "run --mode=export first.")
     return files
 
@@ -99,7 +101,7 @@ def push(out_dir: str, repo_id: str, *, private: bool = False, api=None) -> str:
     Errors say why and that the local export is kept.
     """
     if not repo_id:
-        raise ValueError("push_to_hub=True needs config.hub_model_id (e.g. 'your-name/model-simpo').")
+        raise HubError("push_to_hub=True needs config.hub_model_id (e.g. 'your-name/model-simpo').")
     files = export_files(out_dir)
     api = api or hub_api()
     try:
@@ -135,8 +137,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
-class HubError(ValueError):
-    """A model or tokenizer that cannot be had from the Hub; the message names the fix."""
+class HubError(UserError):
+    """A model, tokenizer or data set that cannot be had from the Hub; the message names the fix."""
 
 
 def resolve_pretrained(name_or_path: str, *, revision: str = "", weights: bool = True,
@@ -152,6 +154,9 @@ def resolve_pretrained(name_or_path: str, *, revision: str = "", weights: bool =
 
     local = resolve_local(name_or_path)
     if local is not None:
+        if weights:  # the same checks as a download gets, before anything is read
+            _needed_files(os.listdir(local) if os.path.isdir(local) else [], weights,
+                          f"{field}={name_or_path!r}")
         if revision:
             log.warning("%s=%r is a local folder: revision=%r is ignored.", field, name_or_path,
                         revision)

@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from simpo_jax import checkpoint as ckpt_lib
+from simpo_jax import config as config_lib
 from simpo_jax import doctor
 from simpo_jax import flops
 from simpo_jax import hub
@@ -162,7 +163,7 @@ def export_checkpoint(config) -> str:
     """--mode=export: the latest checkpoint (or config.resume_from) as a Hugging Face folder."""
     run = build(config, with_data=False)
     if run.start_step == 0 and not config.resume_from:
-        raise ValueError(f"No checkpoint to export under {run.checkpointer.directory}; train first "
+        raise config_lib.UserError(f"No checkpoint to export under {run.checkpointer.directory}; train first "
                          "or set config.resume_from to a checkpoint step folder.")
     run.checkpointer.close()
     out_dir = export(run, config.export_dir or config.output_dir)

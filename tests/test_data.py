@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from simpo_jax import data as data_lib
+from simpo_jax.config import UserError
 from simpo_jax.data import formats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,7 +210,7 @@ def test_bad_rows_counted_by_reason(tok, tmp_path, cache_dir):
 
 
 def test_dropped_fraction_error(tok, tmp_path, cache_dir):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         data_lib.build_datasets(_config(_folder(tmp_path, GOOD + BAD), cache_dir,
                                         max_dropped_fraction=0.05), tok)
     msg = str(err.value)
@@ -219,20 +220,52 @@ def test_dropped_fraction_error(tok, tmp_path, cache_dir):
 
 def test_unparsable_file_names_file_and_line(tok, tmp_path, cache_dir):
     path = _jsonl(tmp_path / "broken.jsonl", [GOOD[0], '{"prompt": "x", oops}'])
-    with pytest.raises(ValueError, match=r"broken\.jsonl: line 2"):
+    with pytest.raises(UserError, match=r"broken\.jsonl: line 2"):
         data_lib.build_datasets(_config(path, cache_dir), tok)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
-    with pytest.raises(ValueError, match=r"bad\.parquet"):
+    with pytest.raises(UserError, match=r"bad\.parquet"):
         data_lib.build_datasets(_config(str(tmp_path / "bad.parquet"), cache_dir), tok)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')  # not UTF-8
+    with pytest.raises(UserError, match=r"latin1\.jsonl: UnicodeDecodeError"):
+        data_lib.build_datasets(_config(str(tmp_path / "latin1.jsonl"), cache_dir), tok)
 
 
 def test_offline_hub_name_error(tok, cache_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"'nobody-here/no_such_prefs'.*local path"):
+    with pytest.raises(UserError, match=r"'nobody-here/no_such_prefs'.*local path"):
         data_lib.build_datasets(_config("nobody-here/no_such_prefs", cache_dir), tok)
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+
+
+def test_missing_local_path_fails_before_anything_is_read(tok, cache_dir):
+    missing = r"dataset_mixer entry 'data/missing\.jsonl': no such file or folder"
+    with pytest.raises(UserError, match=missing):
         data_lib.build_datasets(_config("data/missing.jsonl", cache_dir), tok)
+    with pytest.raises(UserError, match=missing):  # the check a run makes before loading anything
+        data_lib.check_paths({"assets/tiny_prefs": 1.0, "data/missing.jsonl": 1.0})
+    data_lib.check_paths({"assets/tiny_prefs": 1.0, "HuggingFaceH4/ultrafeedback_binarized": 1.0})
+
+
+def test_data_mistakes_are_user_errors(tok, tmp_path, cache_dir):
+    # A folder without a training split is an error, not a mixer entry that adds nothing.
+    (tmp_path / "only_test").mkdir()
+    _jsonl(tmp_path / "only_test" / "test_prefs.jsonl", GOOD)
+    with pytest.raises(UserError, match=r"only_test'.*no 'train_prefs' or 'train' split"):
+        data_lib.build_datasets(_config({str(tmp_path / "only_test"): 1.0,
+                                         "assets/tiny_prefs": 1.0}, cache_dir), tok)
+    no_template = _variant(tok)
+    no_template.chat_template = None
+    with pytest.raises(UserError, match="no chat template.*chat_template"):
+        data_lib.build_datasets(_config(_folder(tmp_path / "g", GOOD), cache_dir), no_template)
+    with pytest.raises(UserError, match=r"No training pairs.*all 2 rows were dropped \(missing_field"):
+        data_lib.build_datasets(_config(_folder(tmp_path / "b", [{"prompt": "x"}] * 2), cache_dir,
+                                        data_format="plain"), tok)
+    with pytest.raises(UserError, match="chat_template='missing.jinja': no such file"):
+        data_lib.chat_template_text("missing.jinja")
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(UserError, match=r"tokenizer_name_or_path=.*empty_folder.*no tokenizer loads"):
+        data_lib.load_tokenizer(data_lib.DataConfig(dataset_mixer=(("x", 1.0),),
+                                                    tokenizer_name_or_path=str(tmp_path / "empty_folder")))
 
 
 # --- Truncation, BOS, EOS, pad == eos ------------------------------------------------------------
@@ -248,6 +281,7 @@ def test_truncation_modes(tok, tmp_path, cache_dir):
     d = data_lib.build_datasets(_config(path, cache_dir, max_prompt_length=20), tok)
     assert list(d.train.prompt_ids[0]) == [tok.bos_token_id] + full[-19:]
     assert d.report["splits"]["train"]["prompt_truncated"] == 2
+    assert d.report["splits"]["train"]["truncated_fraction"] == 1.0
     d = data_lib.build_datasets(_config(path, cache_dir, max_prompt_length=20,
                                         truncation_mode="keep_start"), tok)
     assert list(d.train.prompt_ids[0]) == full[:20]
@@ -264,6 +298,27 @@ def test_truncation_modes(tok, tmp_path, cache_dir):
     for _ in range(6):
         b = next(batches)
         assert (b["lengths"] > b["completion_start"]).all() and (b["lengths"] <= 30).all()
+
+
+def test_console_table_shows_truncation_and_warns(tok, tmp_path, cache_dir):
+    # 2 of 8 pairs have a prompt over max_prompt_length, leaving 1 token of room for completions.
+    d = data_lib.build_datasets(_config(_folder(tmp_path / "a", GOOD + [LONG, LONG]), cache_dir,
+                                        max_prompt_length=20, max_length=21), tok)
+    lines = data_lib.format_report(d.report).splitlines()
+    assert lines[0].split() == ["split", "read", "kept", "truncated", "prompts", "truncated",
+                                "completions", "dropped"]
+    assert lines[1].split() == ["train", "8", "8", "2", "2", "-"]
+    assert lines[2].split() == ["eval", "2", "2", "0", "0", "-"]
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert warning.startswith("warning: 25.0% of the train pairs are truncated (2 prompts cut to "
+                              "max_prompt_length=20 tokens, 2 completions cut at max_length=21 "
+                              "tokens)")
+    # 1 truncated pair in 31 (3.2%) is counted but not warned about.
+    d = data_lib.build_datasets(_config(_folder(tmp_path / "b", GOOD * 5 + [LONG]), cache_dir,
+                                        max_prompt_length=20), tok)
+    table = data_lib.format_report(d.report)
+    assert table.splitlines()[1].split() == ["train", "31", "31", "1", "0", "-"]
+    assert "warning" not in table
 
 
 def _variant(tok, *, template=None, post_bos=False, pad_is_eos=False):

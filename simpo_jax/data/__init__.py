@@ -1,7 +1,8 @@
 """Preference data: load rows, normalise formats, tokenise with the chat template, report, batch.
 
-Public: DataConfig, load_tokenizer, build_datasets, write_report, train_batches, eval_batches,
-steps_per_epoch, padding_efficiency. Batch format: see batching.py.
+Public: DataConfig, check_paths, load_tokenizer, build_datasets, write_report, train_batches,
+eval_batches, steps_per_epoch, padding_efficiency. Batch format: see batching.py. Mistakes in the
+data or its settings raise config.UserError, naming the entry, file, row or field and the fix.
 """
 
 import dataclasses
@@ -11,18 +12,20 @@ import os
 
 import numpy as np
 
+from simpo_jax.config import UserError
 from simpo_jax.data import formats
 from simpo_jax.data.batching import (default_buckets, eval_batches, padding_efficiency,
                                      steps_per_epoch, train_batches)
 from simpo_jax.data.tokenize import TokenizeSettings, tokenize_pair
 
-__all__ = ["DataConfig", "TokenizedPairs", "PreferenceData", "load_tokenizer", "build_datasets",
-           "write_report", "format_report", "train_batches", "eval_batches", "steps_per_epoch",
-           "padding_efficiency", "default_buckets"]
+__all__ = ["DataConfig", "TokenizedPairs", "PreferenceData", "check_paths", "load_tokenizer",
+           "build_datasets", "write_report", "format_report", "train_batches", "eval_batches",
+           "steps_per_epoch", "padding_efficiency", "default_buckets"]
 
 CACHE_VERSION = "simpo_jax-data-1"  # bump when tokenisation changes, to invalidate caches
 REPORT_BATCH_SIZE = 16  # pairs per batch for the report's padding efficiency
 EXAMPLES_PER_REASON = 5
+TRUNCATION_WARNING_FRACTION = 0.05  # the console table warns above this fraction of truncated pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +79,12 @@ class DataConfig:
         ]
         for field, ok, valid in checks:
             if not ok:
-                raise ValueError(f"{field}={getattr(self, field)!r} is invalid; valid: {valid}.")
+                raise UserError(f"{field}={getattr(self, field)!r} is invalid; valid: {valid}.")
         for name, amount in self.dataset_mixer:
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0 or (
                     amount > 1 and amount != int(amount)):
-                raise ValueError(f"dataset_mixer[{name!r}]={amount!r}; valid: a fraction in (0, 1] "
-                                 "or a whole row count > 1.")
+                raise UserError(f"dataset_mixer[{name!r}]={amount!r}; valid: a fraction in (0, 1] "
+                                "or a whole row count > 1.")
 
     @property
     def splits(self) -> tuple:
@@ -124,15 +127,32 @@ class PreferenceData:
     fingerprint: str
 
 
+def check_paths(dataset_mixer) -> None:
+    """Raises UserError for a dataset_mixer entry naming a local path that does not exist.
+
+    Reads nothing and asks no server, so a run can call it before anything is loaded.
+    """
+    for name in dataset_mixer:
+        if formats.looks_local(name) and formats.resolve_local(name) is None:
+            raise formats.missing_path(name)
+
+
 def load_tokenizer(data_config: DataConfig):
     """The tokenizer from a local folder (resolved like dataset paths); never runs remote code."""
     from transformers import AutoTokenizer
     path = formats.resolve_local(data_config.tokenizer_name_or_path) or \
         data_config.tokenizer_name_or_path
     if not path:
-        raise ValueError("tokenizer_name_or_path and model_name_or_path are both empty; set one "
-                         "to a local Hugging Face tokenizer folder.")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        raise UserError("tokenizer_name_or_path and model_name_or_path are both empty; set one "
+                        "to a local Hugging Face tokenizer folder.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise UserError(f"tokenizer_name_or_path={data_config.tokenizer_name_or_path!r}: no "
+                        f"tokenizer loads from {path} ({type(e).__name__}: {first}). Give a folder "
+                        "holding tokenizer.json (or tokenizer.model) and tokenizer_config.json."
+                        ) from e
     if data_config.chat_template:
         tokenizer.chat_template = chat_template_text(data_config.chat_template)
     return tokenizer
@@ -155,13 +175,13 @@ def chat_template_text(value: str) -> str:
     if value.endswith(".jinja"):
         path = formats.resolve_local(value)
         if path is None:
-            raise FileNotFoundError(f"chat_template={value!r}: no such file; give a .jinja file, "
-                                    "Jinja text, or 'alignment_handbook'.")
+            raise UserError(f"chat_template={value!r}: no such file; give a .jinja file, "
+                            "Jinja text, or 'alignment_handbook'.")
         with open(path, encoding="utf-8") as f:
             return f.read()
     if "{" not in value:
-        raise ValueError(f"chat_template={value!r} is neither Jinja text, a .jinja file nor "
-                         "'alignment_handbook'.")
+        raise UserError(f"chat_template={value!r} is neither Jinja text, a .jinja file nor "
+                        "'alignment_handbook'.")
     return value
 
 
@@ -170,7 +190,9 @@ def build_datasets(data_config: DataConfig, tokenizer) -> PreferenceData:
     data_config.validate()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no eos_token: every completion must end with one.")
+        raise UserError(f"The tokenizer ({data_config.tokenizer_name_or_path}) has no eos_token: "
+                        "every completion must end with one; set eos_token in its "
+                        "tokenizer_config.json.")
     train_split, eval_split = data_config.splits
     settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length,
                                 data_config.truncation_mode, data_config.assistant_header_in)
@@ -186,11 +208,15 @@ def build_datasets(data_config: DataConfig, tokenizer) -> PreferenceData:
         split_report.update(_length_stats(pairs))
         result[role] = pairs
         report["splits"][role] = split_report
-    if not result["train"].num_pairs:
-        raise ValueError(f"No training pairs: split {train_split!r} of dataset_mixer "
-                         f"{dict(data_config.dataset_mixer)} is missing or every row was dropped.")
-    report["padding_efficiency"] = _padding_report(result, pad_id, data_config)
     _check_dropped(report, data_config.max_dropped_fraction)
+    if not result["train"].num_pairs:
+        train = report["splits"]["train"]
+        why = (f"all {train['rows_read']} rows were dropped ({_reasons(train)})"
+               if train["rows_read"] else "it has no rows")
+        raise UserError(f"No training pairs in split {train_split!r} of dataset_mixer "
+                        f"{dict(data_config.dataset_mixer)}: {why}. Fix the data or choose "
+                        "data_format.")
+    report["padding_efficiency"] = _padding_report(result, pad_id, data_config)
     fingerprint = result["train"].fingerprint()
     report["fingerprint"] = fingerprint
     return PreferenceData(result["train"], result["eval"], report, pad_id, fingerprint)
@@ -206,6 +232,8 @@ def _read_split(data_config: DataConfig, split, role: str):
     for name, amount in data_config.dataset_mixer:
         rows = formats.load_split(name, split, role="train" if role == "train" else "test",
                                   cache_dir=data_config.dataset_cache_dir)
+        if rows is None and role == "train":
+            raise _no_train_split(name, split)
         if rows is None:
             continue
         if role == "train":  # the mixer's fraction/count applies to training rows only
@@ -228,6 +256,15 @@ def _read_split(data_config: DataConfig, split, role: str):
     return records, report
 
 
+def _no_train_split(name: str, split: str) -> UserError:
+    local = formats.resolve_local(name)
+    where = (f"{local} has no {split!r} or 'train' split (a {split}.* or train.* file, * = "
+             f"{'/'.join(e[1:] for e in formats.FILE_EXTENSIONS)}, or a split of a saved data set)"
+             if local else f"the data set has no split {split!r}")
+    return UserError(f"dataset_mixer entry {name!r}: {where}. The training split is the first "
+                     "name containing 'train' in config.dataset_splits; every entry needs it.")
+
+
 def _drop(report: dict, reason: str, label: str) -> None:
     report["dropped"][reason] = report["dropped"].get(reason, 0) + 1
     examples = report["dropped_examples"].setdefault(reason, [])
@@ -241,10 +278,10 @@ def _tokenize(records: list, report: dict, tokenizer, settings, data_config) -> 
     if not records:
         return empty
     if any(r["chat"] for r in records) and not tokenizer.chat_template:
-        raise ValueError("The data holds chat messages but the tokenizer has no chat template (a "
-                         "base model's usually has none): set config.chat_template (e.g. "
-                         "'alignment_handbook', as the original SimPO scripts do, or a .jinja file), "
-                         "or give pre-formatted text with data_format='plain'.")
+        raise UserError("The data holds chat messages but the tokenizer has no chat template (a "
+                        "base model's usually has none): set config.chat_template (e.g. "
+                        "'alignment_handbook', as the original SimPO scripts do, or a .jinja file), "
+                        "or give pre-formatted text with data_format='plain'.")
     import datasets
     key = _cache_key(records, tokenizer, settings)
     cache_dir = os.path.join(data_config.dataset_cache_dir or datasets.config.HF_DATASETS_CACHE,
@@ -270,6 +307,9 @@ def _tokenize(records: list, report: dict, tokenizer, settings, data_config) -> 
     report["rows_kept"] = pairs.num_pairs
     for flag in ("prompt_truncated", "completion_truncated", "boundary_merge"):
         report[flag] = int(sum(columns[flag]))
+    report["pairs_truncated"] = int(sum(p or c for p, c in zip(columns["prompt_truncated"],
+                                                              columns["completion_truncated"])))
+    report["truncated_fraction"] = round(report["pairs_truncated"] / len(records), 4)
     return pairs
 
 
@@ -322,22 +362,39 @@ def _check_dropped(report: dict, max_dropped_fraction: float) -> None:
         dropped = sum(s["dropped"].values())
         s["dropped_fraction"] = dropped / s["rows_read"] if s["rows_read"] else 0.0
         if s["dropped_fraction"] > max_dropped_fraction:
-            top = sorted(s["dropped"].items(), key=lambda kv: -kv[1])[:3]
-            reasons = "; ".join(f"{reason}: {n} (e.g. rows {', '.join(s['dropped_examples'][reason])})"
-                                for reason, n in top)
-            raise ValueError(
+            raise UserError(
                 f"{s['dropped_fraction']:.1%} of the {s['rows_read']} rows of the {role} split "
                 f"{s['split']!r} were dropped ({dropped}), more than max_dropped_fraction="
-                f"{max_dropped_fraction}. Top reasons: {reasons}. Fix the data, choose data_format, "
-                f"or raise max_dropped_fraction.")
+                f"{max_dropped_fraction}. Top reasons: {_reasons(s)}. Fix the data, choose "
+                "data_format, or raise max_dropped_fraction.")
+
+
+def _reasons(split_report: dict) -> str:
+    """The three commonest drop reasons of a split, with counts and example rows."""
+    top = sorted(split_report["dropped"].items(), key=lambda kv: -kv[1])[:3]
+    return "; ".join(f"{reason}: {n} (e.g. rows {', '.join(split_report['dropped_examples'][reason])})"
+                     for reason, n in top)
 
 
 def format_report(report: dict) -> str:
-    """A short table: rows and drops per split, token length percentiles, padding efficiency."""
-    lines = [f"{'split':<6} {'read':>7} {'kept':>7}  dropped"]
+    """A short table: rows, truncations and drops per split, token length percentiles, padding
+    efficiency; warnings when more than TRUNCATION_WARNING_FRACTION of a split's pairs are cut."""
+    lines = [f"{'split':<6} {'read':>7} {'kept':>7}  {'truncated prompts':>17}  "
+             f"{'truncated completions':>21}  dropped"]
+    warnings = []
     for role, s in report["splits"].items():
         drops = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "-"
-        lines.append(f"{role:<6} {s['rows_read']:>7} {s['rows_kept']:>7}  {drops}")
+        prompts, completions = s.get("prompt_truncated", 0), s.get("completion_truncated", 0)
+        lines.append(f"{role:<6} {s['rows_read']:>7} {s['rows_kept']:>7}  {prompts:>17}  "
+                     f"{completions:>21}  {drops}")
+        if s.get("truncated_fraction", 0) > TRUNCATION_WARNING_FRACTION:
+            settings = report["settings"]
+            warnings.append(
+                f"warning: {s['truncated_fraction']:.1%} of the {role} pairs are truncated "
+                f"({prompts} prompts cut to max_prompt_length={settings['max_prompt_length']} "
+                f"tokens, {completions} completions cut at max_length={settings['max_length']} "
+                "tokens), so the model sees cut text; raise max_prompt_length and max_length, or "
+                "filter the long rows out of the data.")
     lines.append(f"{'tokens':<15} {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6}")
     for role, s in report["splits"].items():
         for name, q in s["token_lengths"].items():
@@ -346,7 +403,7 @@ def format_report(report: dict) -> str:
     pad = report.get("padding_efficiency", {})
     lines.append("padding efficiency (batch of {}): ".format(pad.get("batch_size")) + ", ".join(
         f"{k} {v:.1%}" for k, v in pad.items() if k != "batch_size"))
-    return "\n".join(lines)
+    return "\n".join(lines + warnings)
 
 
 def write_report(report: dict, output_dir: str) -> str:

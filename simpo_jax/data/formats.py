@@ -4,6 +4,8 @@ import csv
 import json
 import os
 
+from simpo_jax.config import UserError
+
 FORMATS = ("auto", "ultrafeedback", "messages", "distilabel_math", "plain")
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +36,15 @@ def looks_local(path: str) -> bool:
             or os.sep + os.sep in path or path.count("/") > 1)
 
 
+def missing_path(name_or_path: str) -> UserError:
+    """The error for a dataset_mixer entry that names a local path that does not exist."""
+    return UserError(
+        f"dataset_mixer entry {name_or_path!r}: no such file or folder (looked in the current "
+        f"directory {os.getcwd()} and the repository root {REPO_ROOT}). Give a .jsonl/.json/"
+        ".parquet/.csv file, a folder of split files (train_prefs.jsonl, test_prefs.jsonl), or a "
+        "Hub data set name such as 'HuggingFaceH4/ultrafeedback_binarized'.")
+
+
 # --- Loading -----------------------------------------------------------------------------------
 
 def load_split(name_or_path: str, split: str, *, role: str, cache_dir: str):
@@ -45,9 +56,7 @@ def load_split(name_or_path: str, split: str, *, role: str, cache_dir: str):
     local = resolve_local(name_or_path)
     if local is None:
         if looks_local(name_or_path):
-            raise FileNotFoundError(
-                f"dataset_mixer entry {name_or_path!r} is neither in the current directory "
-                f"({os.getcwd()}) nor in the repository root ({REPO_ROOT}).")
+            raise missing_path(name_or_path)
         return _load_hub(name_or_path, split, cache_dir)
     if os.path.isfile(local):
         # A single file is the training split only.
@@ -63,7 +72,7 @@ def load_split(name_or_path: str, split: str, *, role: str, cache_dir: str):
 
 
 def read_file(path: str) -> list:
-    """Rows of a .jsonl/.json/.parquet/.csv file; ValueError naming the file (and line) if unreadable."""
+    """Rows of a .jsonl/.json/.parquet/.csv file; UserError naming the file (and line) if unreadable."""
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".jsonl":
@@ -76,13 +85,13 @@ def read_file(path: str) -> list:
             except json.JSONDecodeError as err:
                 if text.lstrip().startswith("{") and "\n" in text.strip():
                     return _read_jsonl(path)  # JSON lines saved as .json
-                raise ValueError(f"Cannot parse {path}: line {err.lineno}, column {err.colno}: "
-                                 f"{err.msg}") from err
+                raise UserError(f"Cannot parse {path}: line {err.lineno}, column {err.colno}: "
+                                f"{err.msg}") from err
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
-                raise ValueError(f"Cannot read {path}: expected a JSON list of rows (or JSON lines), "
-                                 f"got a JSON {type(data).__name__}.")
+                raise UserError(f"Cannot read {path}: expected a JSON list of rows (or JSON lines), "
+                                f"got a JSON {type(data).__name__}.")
             return data
         if ext == ".parquet":
             import pyarrow.parquet as pq
@@ -91,11 +100,12 @@ def read_file(path: str) -> list:
             with open(path, encoding="utf-8", newline="") as f:
                 return [{k: _csv_cell(v) for k, v in row.items() if k is not None}
                         for row in csv.DictReader(f)]
-    except ValueError:
+    except UserError:
         raise
     except Exception as err:  # pyarrow, csv and unicode errors: name the file
-        raise ValueError(f"Cannot read {path}: {type(err).__name__}: {err}") from err
-    raise ValueError(f"Cannot read {path}: unknown extension {ext!r}; use one of {FILE_EXTENSIONS}.")
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise UserError(f"Cannot read {path}: {type(err).__name__}: {first}") from err
+    raise UserError(f"Cannot read {path}: unknown extension {ext!r}; use one of {FILE_EXTENSIONS}.")
 
 
 def _read_jsonl(path: str) -> list:
@@ -107,8 +117,8 @@ def _read_jsonl(path: str) -> list:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"Cannot parse {path}: line {lineno}, column {err.colno}: "
-                                 f"{err.msg}") from err
+                raise UserError(f"Cannot parse {path}: line {lineno}, column {err.colno}: "
+                                f"{err.msg}") from err
     return rows
 
 
@@ -153,7 +163,7 @@ def _load_hub(name: str, split: str, cache_dir: str):
         raise _hub_error(name, offline, err) from err
 
 
-def _hub_error(name: str, offline: bool, err: Exception) -> ValueError:
+def _hub_error(name: str, offline: bool, err: Exception) -> UserError:
     from simpo_jax.hub import HubError
 
     why = ("the Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the "
@@ -175,7 +185,7 @@ def detect_format(rows, data_format: str) -> str:
     """The format of a split from the columns and types of its first rows, unless given."""
     if data_format != "auto":
         if data_format not in FORMATS:
-            raise ValueError(f"data_format={data_format!r}; valid: {', '.join(FORMATS)}.")
+            raise UserError(f"data_format={data_format!r}; valid: {', '.join(FORMATS)}.")
         return data_format
     sample = [r for _, r in zip(range(100), rows) if isinstance(r, dict)]
     keys = set().union(*[r.keys() for r in sample]) if sample else set()
@@ -186,8 +196,8 @@ def detect_format(rows, data_format: str) -> str:
         return "ultrafeedback" if "prompt" in keys else "messages"
     if isinstance(first, str):
         return "plain"
-    raise ValueError(f"Cannot detect the data format from columns {sorted(keys)}; set data_format "
-                     f"to one of {', '.join(FORMATS[1:])}.")
+    raise UserError(f"Cannot detect the data format from columns {sorted(keys)}; set data_format "
+                    f"to one of {', '.join(FORMATS[1:])}.")
 
 
 def normalise(row, data_format: str) -> dict:
