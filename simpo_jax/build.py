@@ -83,7 +83,7 @@ def model_config(config, tokenizer, model_path: str) -> dict:
             return json.load(f)
     hf_config = config.model_init.to_dict()
     if hf_config["vocab_size"] < len(tokenizer):
-        raise ValueError(f"config.model_init.vocab_size={hf_config['vocab_size']} is smaller than the "
+        raise config_lib.UserError(f"config.model_init.vocab_size={hf_config['vocab_size']} is smaller than the "
                          f"tokenizer's {len(tokenizer)} tokens.")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf_config[name] = getattr(tokenizer, name)
@@ -124,7 +124,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
     eval_batch = config.per_device_eval_batch_size * dp
     if global_batch % jax.process_count() or eval_batch % jax.process_count():
-        raise ValueError(f"The global batch of {global_batch} pairs does not split over "
+        raise config_lib.UserError(f"The global batch of {global_batch} pairs does not split over "
                          f"{jax.process_count()} processes.")
     if with_data:
         print(f"effective batch size: {global_batch} pairs = per_device_train_batch_size "
@@ -162,7 +162,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
                   f"rows per step, {data.train.num_pairs / steps_per_epoch:.1f} pairs per step on "
                   "average", flush=True)
         if steps_per_epoch < 1:
-            raise ValueError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
+            raise config_lib.UserError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
                              f"global batch of {global_batch}.")
         total_steps = total_train_steps(config, steps_per_epoch)
 
@@ -198,11 +198,6 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
               total_steps, global_batch, eval_batch, checkpointer, meta, packing=pack)
     run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed", "packing")
                             if with_data else ("model",)) if restoring else 0
-    if isinstance(jax.tree.leaves(run.state.params)[0], jax.ShapeDtypeStruct):
-        # Every checkpoint was unreadable: start from the configured weights after all.
-        log.warning("No checkpoint restored; starting from the configured model weights.")
-        graphdef, params = load_params(config, tokenizer, mesh, model_path, weights=True)
-        run.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
     return run
 
 
@@ -215,21 +210,26 @@ def packing_plan(config, pairs, data_parallel: int) -> dict:
         config.per_device_train_batch_size * items.mean() / (0.95 * row_length)))
     global_rows = rows * data_parallel * config.gradient_accumulation_steps
     if global_rows % jax.process_count():
-        raise ValueError(f"{global_rows} packed rows per step do not split over "
+        raise config_lib.UserError(f"{global_rows} packed rows per step do not split over "
                          f"{jax.process_count()} processes: set config.pack_rows_per_device.")
     return {"layout": layout, "row_length": int(row_length), "rows_per_device": int(rows),
             "global_rows": int(global_rows), "max_pairs_per_row": config.pack_max_pairs_per_row}
 
 
 def train_batch_iterator(run: Run, start_step: int = 0) -> "prefetch":
-    """This process's training batches from global step start_step on, prefetched to the devices."""
+    """This process's training batches from global step start_step on, prefetched to the devices.
+
+    group_by_length applies to the padded layout; packed rows are filled by length in their own
+    windows and then shuffled, so a packed step mixes lengths either way.
+    """
     config = run.config
     where = dict(seed=config.seed, start_step=start_step, process_index=jax.process_index(),
                  process_count=jax.process_count(), pad_id=run.data.pad_id)
     if run.packing is None:
         batches = data_lib.train_batches(
             run.data.train, batch_size=run.global_batch // jax.process_count(),
-            max_length=config.max_length, length_buckets=tuple(config.length_buckets), **where)
+            max_length=config.max_length, length_buckets=tuple(config.length_buckets),
+            group_by_length=config.group_by_length, **where)
         return prefetch(batches, step_lib.batch_shardings(run.mesh))
     pack = run.packing
     batches = packing.train_batches(
@@ -251,7 +251,7 @@ def resume(run: Run, check: tuple[str, ...]) -> int:
     def same_run(step, meta):
         for key in check:
             if meta.get(key) != run.meta[key]:
-                raise ValueError(
+                raise config_lib.UserError(
                     f"Checkpoint {checkpointer.directory}/{step} was written with a different "
                     f"{key}: {_short(meta.get(key))} there, {_short(run.meta[key])} now. Use a new "
                     "output_dir, or restore the settings of that run.")

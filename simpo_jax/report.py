@@ -21,10 +21,15 @@ SINKS = ("tensorboard", "wandb")
 
 class MetricsWriter:
     """Appends one JSON object per logged row to <output_dir>/metrics.jsonl, mirrors it to the
-    chosen sinks, and shows progress."""
+    chosen sinks, and shows progress.
+
+    A run that starts at `start_step` (0 for a fresh one, the restored step on resume) first drops
+    the rows logged after that step by an earlier run, so each step keeps one train and one eval
+    row; the default None (e.g. --mode=eval) leaves metrics.jsonl as it is.
+    """
 
     def __init__(self, output_dir: str, total_steps: int, report_to=(), run_config=None,
-                 stream=None):
+                 stream=None, start_step: int | None = None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.total_steps = total_steps
         self.start = time.time()
@@ -39,10 +44,15 @@ class MetricsWriter:
         if unknown:
             raise ValueError(f"config.report_to={list(report_to)}: unknown sink(s) {unknown}; valid: "
                              f"{list(SINKS)} (metrics.jsonl is always written).")
+        if start_step is not None:
+            keep_rows_until(self.path, start_step)
         if "tensorboard" in report_to:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            # purge_step: TensorBoard hides events an earlier run logged from that step on.
+            purge = None if start_step is None else start_step + 1 if start_step else 0
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                             purge_step=purge)
         if "wandb" in report_to:
             try:
                 import wandb
@@ -127,6 +137,36 @@ class MetricsWriter:
         if not prefix:
             parts.append(f"eta={_duration(self._eta(step))}")
         return " | ".join(parts)
+
+
+def keep_rows_until(path: str, start_step: int) -> None:
+    """Atomically rewrites a JSON-lines file keeping the rows with step <= start_step.
+
+    The rows of `start_step` itself stay (a resumed run logs from the next step on); a fresh run
+    (start_step 0) keeps none, as it evaluates step 0 again. Unreadable lines are dropped.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # e.g. a line cut short by a crash
+            continue
+        if start_step > 0 and isinstance(step, (int, float)) and step <= start_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info("%s: dropped %d rows logged after step %d by an earlier run.", path,
+             len(lines) - len(kept), start_step)
 
 
 def _py(v):

@@ -68,8 +68,12 @@ def train(config) -> dict:
 def _train(run: Run) -> dict:
     config = run.config
     start = run.start_step
+    # A resumed (or restarted) run drops rows logged after its checkpoint: one row per step.
     writer = report.MetricsWriter(config.output_dir, run.total_steps,
-                                  report_to=tuple(config.report_to), run_config=config)
+                                  report_to=tuple(config.report_to), run_config=config,
+                                  start_step=start)
+    if jax.process_index() == 0:
+        report.keep_rows_until(os.path.join(config.output_dir, "samples.jsonl"), start)
     flops_per_token, peak = utilisation_basis(run)
     advisor = start_doctor(run)
 

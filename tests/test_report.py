@@ -15,20 +15,25 @@ class Terminal(io.StringIO):
         return True
 
 
-def read_events(directory):
-    """Scalars from TensorBoard event files (TFRecord framing of Event protos)."""
+def events(directory):
+    """Event protos from TensorBoard event files (TFRecord framing)."""
     from tensorboardX.proto import event_pb2
 
-    scalars = {}
     for name in os.listdir(directory):
         data = open(os.path.join(directory, name), "rb").read()
         pos = 0
         while pos < len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
             pos += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+
+
+def read_events(directory):
+    """Scalars from TensorBoard event files."""
+    scalars = {}
+    for event in events(directory):
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
 
 
@@ -70,3 +75,32 @@ def test_progress_line_on_a_terminal_plain_lines_otherwise(tmp_path):
 def test_unknown_sink_is_named(tmp_path):
     with pytest.raises(ValueError, match="mlflow"):
         report.MetricsWriter(str(tmp_path), 10, report_to=("mlflow",))
+
+
+def test_resume_drops_rows_logged_after_the_start_step(tmp_path):
+    rows = [{"step": 0, "eval_loss": 1.0}, {"step": 5, "loss": 0.9}, {"step": 10, "loss": 0.8},
+            {"step": 10, "eval_loss": 0.7}, {"step": 15, "loss": 0.6}, {"step": 20, "loss": 0.5},
+            {"step": 20, "eval_loss": 0.4}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 25, "lo')  # cut short
+    w = report.MetricsWriter(str(tmp_path), 20, report_to=("tensorboard",), stream=io.StringIO(),
+                             start_step=10)
+    assert [json.loads(line) for line in open(path)] == rows[:4]
+    w.write(15, {"loss": 0.65})
+    w.write(20, {"loss": 0.55})
+    w.write(20, {"loss": 0.45}, prefix="eval_")
+    w.close()
+    got = [json.loads(line) for line in open(path)]
+    assert sorted((r["step"], "eval_loss" in r) for r in got) == [
+        (0, True), (5, False), (10, False), (10, True), (15, False), (20, False), (20, True)]
+    assert got[4:] == [{"step": 15, "loss": 0.65}, {"step": 20, "loss": 0.55},
+                       {"step": 20, "eval_loss": 0.45}]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "tensorboard"]  # no temp file left
+    # A session start at step 11 makes TensorBoard discard earlier runs' events from there on.
+    purges = [e.step for e in events(tmp_path / "tensorboard") if e.HasField("session_log")]
+    assert purges == [11]
+
+    report.MetricsWriter(str(tmp_path), 20, stream=io.StringIO())  # --mode=eval: no start step
+    assert [json.loads(line) for line in open(path)] == got
+    report.MetricsWriter(str(tmp_path), 20, stream=io.StringIO(), start_step=0)  # a fresh run
+    assert path.read_text() == ""
