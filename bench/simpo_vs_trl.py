@@ -1,7 +1,7 @@
 """Our SimPO train step (padded / packed / shared_prompt rows) against TRL's CPOTrainer, one run.
 
-    /work/venv/bin/python bench/simpo_vs_trl.py            # all three layouts, ~5-10 min on 2 cores
-    /work/venv/bin/python bench/simpo_vs_trl.py --layout packed --steps 3
+    python bench/simpo_vs_trl.py            # all three layouts, ~5-10 min on 2 cores
+    python bench/simpo_vs_trl.py --layout packed --steps 3
 
 Both sides load the same locally made Hugging Face Llama (~20M parameters, 32k vocabulary, float32)
 and train on the same pairs (random words from a 32k word-level tokenizer; prompt, chosen and

@@ -1,7 +1,7 @@
 """Every default of simpo_jax, in one place. Recipes import this and override what they change.
 
-Field names follow the SimPO / alignment-handbook recipes, so the hyperparameter guides in the
-seed documents apply by name.
+Field names follow the SimPO / alignment-handbook recipes, so the hyperparameter guides of the
+SimPO repository (princeton-nlp/SimPO) and of the SimPO training skill apply by name.
 
 Run: python run.py --config=configs/base.py --config.model_name_or_path=/path/to/hf_model
 """
@@ -106,8 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.hub_private_repo = False
 
     # --- LR range test (--mode=lr_find) -----------------------------------------------------------
-    c.lr_find_min = 1e-8  # first learning rate of the exponential sweep
-    c.lr_find_max = 1e-3  # last learning rate
+    # An exponential sweep around learning_rate; it stops early once the loss diverges.
+    c.lr_find_span = 1e3  # the sweep runs from learning_rate / span to learning_rate * span
+    c.lr_find_min = 0.0  # first learning rate; 0 = learning_rate / lr_find_span
+    c.lr_find_max = 0.0  # last learning rate; 0 = learning_rate * lr_find_span
     c.lr_find_steps = 200  # real SimPO steps in the sweep
 
     # --- Ahead-of-time memory plan (--mode=plan) -------------------------------------------------

@@ -1,9 +1,12 @@
-"""SimPO on DeepSeek-Math-7B base with distilabel math preferences: the seeds' reasoning recipe.
+"""SimPO on DeepSeek-Math-7B base with distilabel math preferences: the skill's reasoning recipe.
 
 Run: python run.py --config=configs/deepseek_math_7b.py
-Source: ../shared/seeds SimPO skill, "Workflow 3: reasoning-heavy tasks (lower learning rate)"
-(beta 5.0, gamma_beta_ratio 0.7, lr 3e-7, sft_weight 0, per-device batch 1 x accumulation 16)
-and the hyperparameter guide's math row (lr 3e-7, "careful optimisation").
+Source: "Workflow 3: reasoning-heavy tasks (lower learning rate)" of the SimPO training skill
+(Orchestra Research, github.com/Orchestra-Research/AI-Research-SKILLs, 06-post-training/simpo):
+beta 5.0, gamma_beta_ratio 0.7, lr 3e-7, sft_weight 0, per-device batch 1 x accumulation 16; and
+its Hyperparameters guide's math row (lr 3e-7, "careful optimization"). The SimPO repository
+(github.com/princeton-nlp/SimPO) publishes no math recipe; its README recommends a smaller
+learning rate (e.g. 5e-7) for reasoning-intensive domains such as math.
 """
 
 from configs import base

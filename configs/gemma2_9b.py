@@ -1,10 +1,14 @@
 """SimPO on Gemma-2-9B-it.
 
 Run: python run.py --config=configs/gemma2_9b.py
-Source: ../shared/seeds hyperparameter guide, "Gemma 2 9B (creative)" (lr 1e-6, linear schedule,
-warmup 0.1, 1 epoch) and the 8B-13B row (per-device batch 1 x accumulation 8, sft_weight 0.1 for
-instruct models). beta 10 and gamma_beta_ratio 0.5 follow the original SimPO repository's
-gemma-2-9b-it-simpo.yaml (recalled from memory, not verified; it also used lr 8e-7).
+Source: the "Gemma 2 9B (creative)" example of the Hyperparameters guide in the SimPO training
+skill (Orchestra Research, github.com/Orchestra-Research/AI-Research-SKILLs, 06-post-training/simpo:
+lr 1e-6, linear schedule, warmup 0.1, 1 epoch) and its 8B-13B row (per-device batch 1 x
+accumulation 8, sft_weight 0.1 for instruct models). beta 10 and gamma_beta_ratio 0.5 are the
+SimPO paper's Gemma run (github.com/princeton-nlp/SimPO, training_configs/gemma-2-9b-it-simpo.yaml
+and the README's table, checked at commit 1b3e8f3), which also used learning_rate 8e-7, a cosine
+schedule, warmup 0.1, max_length 2048 (prompt 1800), princeton-nlp/gemma2-ultrafeedback-armorm
+and per-device batch 2 x accumulation 16 on 4 GPUs (128).
 """
 
 from configs import base

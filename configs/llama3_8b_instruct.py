@@ -1,11 +1,17 @@
 """SimPO on Llama-3-8B-Instruct with the cleaned UltraFeedback preferences and a light SFT term.
 
 Run: python run.py --config=configs/llama3_8b_instruct.py
-Source: ../shared/seeds SimPO skill, "Workflow 2: fine-tune an instruct model (Llama 3 8B)"
-(argilla/ultrafeedback-binarized-preferences-cleaned, beta 2.5, gamma_beta_ratio 0.5, lr 5e-7,
-sft_weight 0.1, per-device batch 2 x accumulation 4). The hyperparameter guide's 8B row gives
-lr 3e-7 and batch 1 x 16 instead; the original SimPO repository's llama-3-8b-instruct-simpo.yaml
-(recalled from memory, not verified) used beta 2.5, gamma_beta_ratio 0.55, lr 1e-6.
+Source: "Workflow 2: fine-tune an instruct model (Llama 3 8B)" of the SimPO training skill
+(Orchestra Research, github.com/Orchestra-Research/AI-Research-SKILLs, 06-post-training/simpo):
+argilla/ultrafeedback-binarized-preferences-cleaned, beta 2.5, gamma_beta_ratio 0.5, lr 5e-7,
+sft_weight 0.1, per-device batch 2 x accumulation 4. The skill's Hyperparameters guide gives lr
+3e-7 and batch 1 x 8 for 8B-13B models instead.
+The SimPO paper's Llama3-Instruct run (github.com/princeton-nlp/SimPO,
+training_configs/llama-3-8b-instruct-simpo.yaml and the README's table, checked at commit
+1b3e8f3) used on-policy data, princeton-nlp/llama3-ultrafeedback, with beta 2.5,
+gamma_beta_ratio 0.55, learning_rate 1e-6, cosine, warmup 0.1, max_length 2048 (prompt 1800),
+per-device batch 2 x accumulation 16 on 4 GPUs (128); its v0.2 (llama-3-8b-instruct-simpo-v2.yaml,
+princeton-nlp/llama3-ultrafeedback-armorm) beta 10, gamma_beta_ratio 0.3, learning_rate 1e-6.
 """
 
 from configs import base

@@ -1,10 +1,15 @@
-"""SimPO on Mistral-7B base with UltraFeedback: the seeds' standard 7B recipe.
+"""SimPO on Mistral-7B base with UltraFeedback: the SimPO skill's standard 7B recipe.
 
 Run: python run.py --config=configs/mistral7b.py
-Source: ../shared/seeds hyperparameter guide, "Mistral 7B Base (Standard)" (lr 5e-7, beta 2.0,
-gamma_beta_ratio 0.5, per-device batch 2 x accumulation 4, cosine, warmup 0.1, bf16, gradient
-checkpointing). The original SimPO repository's mistral-7b-base-simpo.yaml (recalled from memory,
-not verified here) used gamma_beta_ratio 0.8, learning_rate 3e-7 and a total batch of 128.
+Source: the "Mistral 7B Base (Standard)" example of the Hyperparameters guide in the SimPO
+training skill (Orchestra Research, github.com/Orchestra-Research/AI-Research-SKILLs,
+06-post-training/simpo): lr 5e-7, beta 2.0, gamma_beta_ratio 0.5, per-device batch 2 x
+accumulation 4, cosine, warmup 0.1, bf16, gradient checkpointing.
+The SimPO paper's own Mistral-Base run differs (github.com/princeton-nlp/SimPO,
+training_configs/mistral-7b-base-simpo.yaml and the README's hyperparameter table, checked at
+commit 1b3e8f3): it starts from the SFT model alignment-handbook/zephyr-7b-sft-full, with beta
+2.0, gamma_beta_ratio 0.8, learning_rate 3e-7, cosine, warmup 0.1, max_length 1024 (prompt 512),
+per-device batch 2 x accumulation 16 on 4 GPUs (a total batch of 128).
 """
 
 from configs import base

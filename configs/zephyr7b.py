@@ -1,8 +1,9 @@
 """SimPO on Zephyr-7B-beta (a Mistral chat model) with UltraFeedback and a moderate SFT term.
 
 Run: python run.py --config=configs/zephyr7b.py
-Source: ../shared/seeds hyperparameter guide: the SFT-weight table's chat-model row
-(HuggingFaceH4/zephyr-7b-beta, sft_weight 0.2) on top of the 7B standard recipe
+Source: the Hyperparameters guide of the SimPO training skill (Orchestra Research,
+github.com/Orchestra-Research/AI-Research-SKILLs, 06-post-training/simpo): the SFT-weight table's
+chat-model row (HuggingFaceH4/zephyr-7b-beta, sft_weight 0.2) on top of the 7B standard recipe
 (configs/mistral7b.py: lr 5e-7, beta 2.0, gamma_beta_ratio 0.5, batch 2 x 4, cosine, warmup 0.1).
 """
 

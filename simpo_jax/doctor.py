@@ -1,27 +1,60 @@
-"""The hyperparameter doctor: the seed guides' ranges and troubleshooting advice, applied to a run.
+"""The hyperparameter doctor: the SimPO guides' ranges and troubleshooting advice, applied to a run.
 
-Sources (../shared/seeds): the SimPO hyperparameter guide (learning rate by model size, beta,
-gamma/beta, sft_weight, effective batch), the SimPO loss-function notes (margins, log-prob
-warning signs) and the SimPO skill's troubleshooting (divergence, forgetting, weak separation).
+Sources: the SimPO training skill of Orchestra Research's AI-Research-SKILLs repository
+(github.com/Orchestra-Research/AI-Research-SKILLs, 06-post-training/simpo): its "Hyperparameters"
+guide (learning rate by model size, beta, gamma/beta, sft_weight, effective batch), its "Loss
+Functions" guide's Debugging section (reward margins, log-prob warning signs) and the skill's
+"Common issues" (loss divergence, forgetting, poor preference separation).
 """
 
 from __future__ import annotations
 
 import math
 
-GUIDE = "seeds: SimPO hyperparameter guide"
-# (lower bound of the model size in parameters, highest learning rate of that row, row name)
-LR_BY_SIZE = ((60e9, 1e-7, "70B+"), (13e9, 3e-7, "13B-30B"), (7e9, 5e-7, "7B-8B"),
-              (1e9, 1e-6, "1B-3B"))
-# (lower bound of the model size, recommended effective batch range in pairs, row name)
-BATCH_BY_SIZE = ((60e9, (32, 64), "70B"), (13e9, (64, 128), "13B"), (5e9, (128, 256), "7B"))
+GUIDE = "SimPO Hyperparameters guide"
+LOSS_GUIDE = "SimPO Loss Functions guide, Debugging"
+ISSUES = "SimPO skill, Common issues"
 
-DIVERGENCE = ("lower learning_rate (e.g. 5e-7 -> 3e-7 for 7B models) and beta (e.g. 2.0 -> 1.0) "
-              "(seeds: SimPO troubleshooting, 'loss diverges')")
+# The guide's rows by model size, in parameters. A row "7B-8B" covers models called 7B or 8B:
+# a name rounds the count to whole billions, so a 7B-class model has 6.5e9-7.5e9 parameters
+# (DeepSeek-Math-7B 6.9e9, Mistral-7B 7.2e9) and an 8B one 7.5e9-8.5e9 (Llama-3-8B 8.0e9).
+# "70B+" starts at 65e9 (Llama-2-70B has 69.0e9). Sizes between rows (Gemma-2-9B, 9.2e9) and
+# under 0.5e9 (the tiny test models) have no row, so no size-based advice. The effective batch
+# table's 7B / 13B / 70B rows apply to the same bands (the guide's "7B Models (Mistral, Llama 3)").
+# (row, lowest size, size below which the row ends, learning-rate range, effective batch range)
+SIZE_ROWS = (
+    ("1B-3B", 0.5e9, 3.5e9, (5e-7, 1e-6), None),
+    ("7B-8B", 6.5e9, 8.5e9, (3e-7, 5e-7), (128, 256)),
+    ("13B-30B", 12.5e9, 30.5e9, (1e-7, 3e-7), (64, 128)),
+    ("70B+", 65e9, math.inf, (5e-8, 1e-7), (32, 64)),
+)
+
+
+def size_row(num_params: float | None):
+    """The guide's row (name, lowest, end, lr range, batch range) for a model size, or None."""
+    for row in SIZE_ROWS:
+        if num_params and row[1] <= num_params < row[2]:
+            return row
+    return None
+
+
+def divergence_advice(learning_rate: float | None = None, beta: float | None = None,
+                      num_params: float | None = None) -> str:
+    """What to lower when the loss diverges, in this run's own numbers where they are known."""
+    if learning_rate:
+        lr = f"learning_rate (e.g. {learning_rate:g} -> {learning_rate / 2:g}"
+        row = size_row(num_params)
+        if row:
+            lr += f"; the guide's row for {row[0]} models is {row[3][0]:g} to {row[3][1]:g}"
+        lr += ")"
+    else:
+        lr = "learning_rate (e.g. halve it)"
+    b = f"beta (e.g. {beta:g} -> {beta / 2:g})" if beta else "beta (e.g. 2.0 -> 1.0)"
+    return f"lower {lr} and {b} ({ISSUES}, 'loss divergence')"
 
 
 def config_warnings(config, *, num_params: int | None, effective_batch: int) -> list[str]:
-    """One line per setting outside the seed guides' ranges, naming the field, value and range."""
+    """One line per setting outside the guides' ranges, naming the field, value and range."""
     out = []
     if config.beta < 1.0:
         out.append(f"beta={config.beta} is DPO-like: SimPO's beta is 2-10 (standard 2.0-2.5), much "
@@ -40,22 +73,18 @@ def config_warnings(config, *, num_params: int | None, effective_batch: int) -> 
         out.append(f"sft_weight={config.sft_weight} is above 0.2: strong capability preservation "
                    f"but weaker preference alignment (guide: 0 base, 0.05-0.1 instruct, 0.1-0.2 "
                    f"chat models) ({GUIDE}).")
-    if num_params and num_params >= 1e9:
-        for bound, max_lr, row in LR_BY_SIZE:
-            if num_params >= bound:
-                if config.learning_rate > max_lr:
-                    out.append(f"learning_rate={config.learning_rate:g} is above the guide's row for "
-                               f"{row} models (at most {max_lr:g}; {num_params / 1e9:.1f}B "
-                               f"parameters here): risk of divergence and forgetting ({GUIDE}).")
-                break
-        for bound, (lo, hi), row in BATCH_BY_SIZE:
-            if num_params >= bound:
-                if effective_batch < lo / 2 or effective_batch > hi * 2:
-                    out.append(
-                        f"effective batch {effective_batch} pairs (per_device_train_batch_size x "
-                        f"data-parallel devices x gradient_accumulation_steps) is far from the "
-                        f"guide's {lo}-{hi} for {row} models ({GUIDE}).")
-                break
+    row = size_row(num_params)
+    if row:
+        name, _, _, (_, max_lr), batch = row
+        if config.learning_rate > max_lr:
+            out.append(f"learning_rate={config.learning_rate:g} is above the guide's row for "
+                       f"{name} models (at most {max_lr:g}; {num_params / 1e9:.1f}B parameters here): "
+                       f"risk of divergence and forgetting ({GUIDE}).")
+        if batch and (effective_batch < batch[0] / 2 or effective_batch > batch[1] * 2):
+            out.append(
+                f"effective batch {effective_batch} pairs (per_device_train_batch_size x "
+                f"data-parallel devices x gradient_accumulation_steps) is far from the guide's "
+                f"{batch[0]}-{batch[1]} for {name} models ({GUIDE}).")
     return out
 
 
@@ -65,11 +94,15 @@ class Advisor:
     Rising loss: the mean loss of the last `window` observations exceeds the previous window's by
     more than 10% (after warm-up of 2 windows). Margins (rewards/margins) below 0.5 or above 5,
     averaged over the last window after `min_observations`. Chosen and rejected log-probs both
-    below -10, or both above 0, over the last window.
+    below -10, or both above 0, over the last window. The run's learning_rate, beta and model
+    size, when given, put the divergence advice in this run's own numbers.
     """
 
-    def __init__(self, window: int = 10, min_observations: int = 20):
+    def __init__(self, window: int = 10, min_observations: int = 20, *,
+                 learning_rate: float | None = None, beta: float | None = None,
+                 num_params: float | None = None):
         self.window, self.min_observations = window, min_observations
+        self.divergence = divergence_advice(learning_rate, beta, num_params)
         self.history: list[dict] = []
         self.given: set[str] = set()
 
@@ -95,7 +128,7 @@ class Advisor:
             if now is not None and before is not None and now > before * 1.1:
                 yield "rising_loss", (
                     f"step {step}: the loss is rising ({before:.4g} -> {now:.4g} over the last "
-                    f"{2 * w} logged steps): {DIVERGENCE}.")
+                    f"{2 * w} logged steps): {self.divergence}.")
         if n < self.min_observations:
             return
         margin = self._mean("rewards/margins", last)
@@ -103,13 +136,11 @@ class Advisor:
             yield "low_margin", (
                 f"step {step}: reward margins average {margin:.3g} (< 0.5): preferences are not "
                 "being learned; increase beta (e.g. 2.0 -> 5.0) or gamma_beta_ratio (e.g. 0.5 -> "
-                "0.8) (seeds: SimPO loss notes, 'low margin'; troubleshooting, 'poor preference "
-                "separation').")
+                f"0.8) ({LOSS_GUIDE}, 'low margin'; {ISSUES}, 'poor preference separation').")
         if margin is not None and margin > 5.0:
             yield "high_margin", (
                 f"step {step}: reward margins average {margin:.3g} (> 5): the model may be "
-                "overfitting; reduce beta or learning_rate (seeds: SimPO loss notes, 'high "
-                "margin').")
+                f"overfitting; reduce beta or learning_rate ({LOSS_GUIDE}, 'high margin').")
         chosen, rejected = self._mean("logps/chosen", last), self._mean("logps/rejected", last)
         if chosen is not None and rejected is not None:
             if chosen < -10 and rejected < -10:
@@ -117,18 +148,18 @@ class Advisor:
                     f"step {step}: chosen and rejected log-probs are both below -10 ({chosen:.3g}, "
                     f"{rejected:.3g}): the model is not learning (typical: chosen -1 to -2, "
                     "rejected -2 to -4); check the data and chat template, then the learning rate "
-                    "(seeds: SimPO loss notes, 'warning signs').")
+                    f"({LOSS_GUIDE}, 'warning signs').")
             if chosen > 0 and rejected > 0:
                 yield "logps_positive", (
                     f"step {step}: chosen and rejected log-probs are both above 0: numerical "
-                    "instability (seeds: SimPO loss notes, 'warning signs').")
+                    f"instability ({LOSS_GUIDE}, 'warning signs').")
 
     def nan_message(self, step: int, metrics: dict) -> str:
         bad = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm")
                         if k in metrics and not math.isfinite(float(metrics[k])))
         return (f"Step {step}: {bad} is not finite. The run stopped without writing a checkpoint of "
-                f"this state; the last good checkpoint is kept. {DIVERGENCE[0].upper()}"
-                f"{DIVERGENCE[1:]}.")
+                f"this state; the last good checkpoint is kept. {self.divergence[0].upper()}"
+                f"{self.divergence[1:]}.")
 
     def state_dict(self) -> dict:
         return {"given": sorted(self.given)}

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simpo_jax import config as config_lib
+from simpo_jax import flops
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
@@ -54,6 +56,15 @@ TARGETS = {
     "gpu-h100x8": Target("gpu", "", 80, 8),
 }
 
+# Words of libtpu's refusal when another process holds its lockfile: the ABORTED message ("...
+# when accessing libtpu multi-process lockfile. Run "$ sudo rm /tmp/libtpu_lockfile".") or, from
+# other libtpu versions, "The TPU is already in use by process with pid ...".
+LIBTPU_LOCKED = ("libtpu_lockfile", "multi-process lockfile", "TPU is already in use")
+LIBTPU_LOCKED_MESSAGE = (
+    "--mode=plan: another process holds libtpu's lockfile (/tmp/libtpu_lockfile; any JAX process "
+    "on a host with libtpu installed takes it, even a CPU run without JAX_PLATFORMS=cpu): rerun "
+    "with ALLOW_MULTIPLE_LIBTPU_LOAD=1 (the plan only compiles, it never runs on TPU chips).")
+
 # plan_search candidates, cheapest recompute first: (remat_policy, mesh (data, fsdp, tensor),
 # logits_chunk_size or None to keep the config's).
 SEARCH = (
@@ -79,7 +90,7 @@ def hf_config_of(config) -> dict:
         if os.path.isfile(shipped):
             with open(shipped) as f:
                 return json.load(f)
-        raise ValueError(
+        raise config_lib.UserError(
             f"model_name_or_path={name!r}: no config.json there and no shipped copy "
             f"{shipped}; point it at a local folder, or use one of "
             f"{sorted(f[:-5].replace('__', '/') for f in os.listdir(ASSETS))}.")
@@ -91,8 +102,13 @@ def target_devices(target: Target) -> list:
     if target.platform == "tpu":
         from jax.experimental import topologies
 
-        return list(topologies.get_topology_desc(platform="tpu",
-                                                 topology_name=target.topology).devices)
+        try:
+            topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
+        except Exception as e:  # jax.errors.JaxRuntimeError from libtpu's start
+            if any(word in str(e) for word in LIBTPU_LOCKED):
+                raise config_lib.UserError(LIBTPU_LOCKED_MESSAGE) from None
+            raise
+        return list(topology.devices)
     cpus = jax.devices("cpu")
     if len(cpus) < target.num_chips:
         raise RuntimeError(
@@ -166,7 +182,7 @@ def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, lo
         "accumulation_steps": config.gradient_accumulation_steps, "max_length": t,
         "num_params": sum(x.size for x in jax.tree.leaves(params)),
         "params_bytes": params_b, "opt_state_bytes": opt_b,
-        "model_flops_per_step": model_flops(arch, tokens, t),
+        "model_flops_per_step": flops.model_flops(arch, tokens, t),  # PaLM convention
         "activation_estimate_bytes": activation_estimate(
             arch, pairs=config.per_device_train_batch_size, length=t, remat=remat,
             dtype_bytes=jnp.dtype(dtype).itemsize, tensor=mesh.shape["tensor"],
@@ -201,18 +217,6 @@ def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, lo
         # XLA counts a loop body once (layer scan, accumulation scan): a lower bound.
         xla_flops_per_device=float(cost.get("flops", -1.0)))
     return result
-
-
-def model_flops(arch, tokens: int, length: int) -> float:
-    """Training FLOPs of one step, all devices: 6 x matmul params x tokens + causal attention.
-
-    The MFU convention: rematerialised forward passes are not counted.
-    """
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    per_layer = arch.hidden_size * (2 * q + 2 * kv) + 3 * arch.hidden_size * arch.intermediate_size
-    matmul = arch.num_layers * per_layer + arch.vocab_size * arch.hidden_size
-    attention = arch.num_layers * 2 * 2 * q * length / 2  # QK^T and AV, causal half
-    return 6.0 * matmul * tokens + 3.0 * attention * tokens
 
 
 def verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
@@ -255,7 +259,7 @@ def candidates(config) -> list[tuple[str, tuple[int, int, int], int]]:
 def plan(config) -> dict:
     """Plans the train step on config.plan_target; prints a table, writes <output_dir>/plan.json."""
     if config.plan_target not in TARGETS:
-        raise ValueError(f"plan_target={config.plan_target!r}: must be one of {sorted(TARGETS)}.")
+        raise config_lib.UserError(f"plan_target={config.plan_target!r}: must be one of {sorted(TARGETS)}.")
     target = TARGETS[config.plan_target]
     hf_config = hf_config_of(config)
     if target.platform == "gpu" and len(jax.devices("cpu")) < target.num_chips:
@@ -288,12 +292,56 @@ def plan(config) -> dict:
            "topology": target.topology or f"{target.num_chips} simulated CPU devices",
            "model": config.model_name_or_path or "model_init", "capacity_bytes": capacity,
            "tried": tried, "choice": next((r for r in tried if r["fits"]), None)}
+    if out["choice"] is None:
+        out["next_steps"] = next_steps(config, out)
     if jax.process_index() == 0:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "plan.json"), "w") as f:
             json.dump(out, f, indent=2)
     print(format_table(out), flush=True)
+    if out["choice"] is None:
+        print("Nothing tried fits. What to try next:\n" +
+              "\n".join(f"- {step}" for step in out["next_steps"]), flush=True)
     return out
+
+
+def next_steps(config, out: dict) -> list[str]:
+    """What to try when no configuration tried fits, cheapest first."""
+    if not any("needed_bytes" in r for r in out["tried"]):
+        return ["no configuration compiled: the compiler's errors are above (and in plan.json); "
+                "memory settings cannot help until one compiles."]
+    steps = []
+    if not config.plan_search:
+        steps.append("--config.plan_search=True: also tries remat policies (none, dots_saveable, "
+                     "full), logits chunks of 256 and a tensor axis of 2, stopping at the first "
+                     "that fits.")
+    if not config.gradient_checkpointing:
+        steps.append("--config.gradient_checkpointing=True (remat_policy full): keeps one "
+                     "activation per layer instead of every intermediate.")
+    if not config.logits_chunk_size:
+        steps.append("--config.logits_chunk_size=256: the LM head and log-softmax in chunks, never "
+                     "the full [tokens, vocab] float32 logits.")
+    if config.per_device_train_batch_size > 1:
+        smaller = config.per_device_train_batch_size // 2
+        steps.append(
+            f"--config.per_device_train_batch_size={smaller} "
+            f"--config.gradient_accumulation_steps={config.gradient_accumulation_steps * 2}: "
+            "half the activations per micro-batch, the same effective batch.")
+    current = TARGETS[out["target"]]
+    bigger = sorted((t.chip_gib * t.num_chips, name) for name, t in TARGETS.items()
+                    if t.chip_gib * t.num_chips > current.chip_gib * current.num_chips)
+    if bigger:
+        listed = ", ".join(f"{name} ({TARGETS[name].num_chips} x {TARGETS[name].chip_gib:g} GiB)"
+                           for _, name in bigger[:3])
+        steps.append(f"a bigger target (--config.plan_target=...): {listed}; this one has "
+                     f"{current.num_chips} x {current.chip_gib:g} GiB.")
+    needed = [r["needed_bytes"] for r in out["tried"] if "needed_bytes" in r]
+    if needed:
+        steps.append(f"the smallest configuration tried needs {_gib(min(needed))} GiB per device "
+                     f"of {_gib(out['capacity_bytes'])}: the sharded float32 parameters and AdamW "
+                     "state alone are 12 bytes per parameter; lower-memory training modes (bf16 "
+                     "master weights, LoRA) are not in simpo_jax yet.")
+    return steps
 
 
 def _plan_in_subprocess(config, num_devices: int) -> dict:

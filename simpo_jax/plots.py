@@ -65,40 +65,80 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
     return written
 
 
-def suggest_lr(lrs, losses, smoothing: float = 0.9) -> float:
-    """The seeds' rule (LR range test): the learning rate where the loss falls fastest.
+def smooth_losses(losses, window: int | None = None) -> np.ndarray:
+    """Centred moving average of the range test's losses (`window` points; default 1/20 of them).
 
-    The loss is smoothed with an exponential moving average (bias-corrected, factor `smoothing`),
-    points after it exceeds 4x its minimum (divergence) are dropped, and the suggestion is the LR
-    at the most negative gradient of smoothed loss against log(LR).
+    Centred, so the smoothed curve does not lag behind the learning rate as a running average
+    would; the window shrinks at both ends.
     """
-    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
-    keep = np.isfinite(losses)
-    lrs, losses = lrs[keep], losses[keep]
-    if len(lrs) < 3:
-        raise ValueError(f"The LR range test needs at least 3 finite losses, got {len(lrs)}.")
-    avg, smooth = 0.0, []
+    values = np.asarray(losses, float)
+    window = window or max(3, len(values) // 20)
+    half = window // 2
+    index = np.arange(len(values))
+    lo, hi = np.maximum(0, index - half), np.minimum(len(values), index + half + 1)
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    return (sums[hi] - sums[lo]) / (hi - lo)
+
+
+def diverged(losses, warmup: int = 10, smoothing: float = 0.9) -> bool:
+    """Whether the sweep so far has diverged: a non-finite loss, or a running average of the loss
+    (bias-corrected, factor `smoothing`) above 1.5x its value after `warmup` steps, or above that
+    value after falling below a quarter of it. SimPO's loss starts near -log sigmoid(-gamma) and
+    falls towards 0 while the model learns, so a return above the start means the rate is too high.
+    """
+    losses = np.asarray(losses, float)
+    if not np.isfinite(losses).all():
+        return True
+    if len(losses) <= warmup:
+        return False
+    avg, run = 0.0, []
     for i, loss in enumerate(losses):
         avg = smoothing * avg + (1 - smoothing) * loss
-        smooth.append(avg / (1 - smoothing ** (i + 1)))
-    smooth = np.asarray(smooth)
-    end = len(smooth)
-    above = np.nonzero(smooth > 4 * smooth.min())[0]
-    above = above[above > np.argmin(smooth)]
-    if len(above):
-        end = max(int(above[0]), 3)
-    gradient = np.gradient(smooth[:end], np.log(lrs[:end]))
-    return float(lrs[int(np.argmin(gradient))])
+        run.append(avg / (1 - smoothing ** (i + 1)))
+    start, lowest, now = run[warmup - 1], min(run[warmup - 1:]), run[-1]
+    return bool(now > min(1.5 * start, max(4 * lowest, start)))
 
 
-def plot_lr_find(lrs, losses, suggestion: float, out_path: str) -> str:
+def suggest_lr(lrs, losses, window: int | None = None, decades: float | None = None) -> dict:
+    """The LR range test's suggestion: where the smoothed loss falls fastest, before its minimum.
+
+    The losses up to the first non-finite one are smoothed (smooth_losses); the fall at each
+    point is the slope of the smoothed loss against log10(learning rate) across `decades` (one
+    decade, or a quarter of a shorter sweep) centred on it, so that batch-to-batch noise, which a
+    point-to-point slope amplifies, cannot pick the point. The suggestion is the learning rate of
+    the steepest fall among the points up to the smoothed minimum. Returns it, the smoothed curve,
+    the rate at the minimum and how far the smoothed loss fell (a fraction of its start).
+    """
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    bad = np.nonzero(~np.isfinite(losses))[0]
+    end = int(bad[0]) if len(bad) else len(losses)
+    if end < 3:
+        raise ValueError(f"The LR range test needs at least 3 finite losses, got {end}.")
+    lrs, smooth = lrs[:end], smooth_losses(losses[:end], window)
+    x = np.log10(lrs)
+    decades = decades or min(1.0, (x[-1] - x[0]) / 4)
+    half = max(1, int(round(decades / 2 * (end - 1) / max(x[-1] - x[0], 1e-12))))
+    lowest = int(np.argmin(smooth))
+    index = np.arange(max(lowest + 1, 2))
+    lo, hi = np.maximum(0, index - half), np.minimum(end - 1, index + half)
+    slope = (smooth[hi] - smooth[lo]) / (x[hi] - x[lo])
+    return {"suggested_learning_rate": float(lrs[int(np.argmin(slope))]),
+            "smoothed_losses": [float(v) for v in smooth],
+            "loss_fall": float((smooth[0] - smooth[lowest]) / abs(smooth[0])),
+            "lowest_loss_learning_rate": float(lrs[lowest])}
+
+
+def plot_lr_find(lrs, losses, suggestion: float, out_path: str, smoothed=None) -> str:
+    """Loss (and its smoothed curve) against the learning rate, the suggestion marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(lrs, losses, "-", label="loss")
+    ax.plot(lrs, losses, "-", alpha=0.4 if smoothed is not None else 1.0, label="loss")
+    if smoothed is not None:
+        ax.plot(lrs[:len(smoothed)], smoothed, "-", color="tab:blue", label="smoothed")
     ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested {suggestion:.2e}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")

@@ -36,7 +36,8 @@ def start_doctor(run: Run) -> doctor.Advisor:
     for warning in doctor.config_warnings(run.config, num_params=num_params,
                                           effective_batch=run.global_batch):
         log.warning("doctor: %s", warning)
-    advisor = doctor.Advisor()
+    advisor = doctor.Advisor(learning_rate=run.config.learning_rate, beta=run.config.beta,
+                             num_params=num_params)
     if run.restored_meta and "advisor" in run.restored_meta:
         advisor.load_state_dict(run.restored_meta["advisor"])
     return advisor
@@ -48,7 +49,8 @@ def utilisation_basis(run: Run) -> tuple[float, float]:
     lengths = run.data.train.lengths()
     flops_per_token = flops.model_flops_per_token(arch, seq_len=int(lengths.mean()))
     device = run.mesh.devices.flat[0]
-    per_device, source = flops.peak_flops_per_device(device)
+    per_device, source = flops.peak_flops_per_device(
+        device, "bfloat16" if run.config.bf16 else "float32")
     # Simulated CPU devices share the host's cores: the measured matmul rate is the host's peak.
     peak = per_device if device.platform == "cpu" else per_device * run.mesh.devices.size
     log.info("MFU basis: %.3g model FLOPs per token, peak %.3g FLOP/s (%s)", flops_per_token,

@@ -61,6 +61,60 @@ def test_cpu_estimate_bytes_add_up_and_params_are_exact(cpu_plan):
     assert json.load(open(tmp_path / "plan.json"))["choice"]["params_bytes"] == expected
 
 
+def test_model_flops_are_the_mfu_count(cpu_plan):
+    from simpo_jax import flops, models
+
+    (r,) = cpu_plan[1]["tried"]
+    arch, _ = models.arch_from_hf_config(TINY)
+    pairs = 1 * 8 * 2  # per-device batch x data-parallel devices x accumulation
+    assert r["model_flops_per_step"] == flops.model_flops(arch, tokens=pairs * 2 * 32, seq_len=32)
+
+
+def test_a_plan_that_does_not_fit_ends_with_what_to_try(cpu_plan, tmp_path, monkeypatch, capsys):
+    (r,) = cpu_plan[1]["tried"]
+    monkeypatch.setattr(plan_lib, "compile_step", lambda *a, **k: dict(r))  # no second compile
+    c = tiny_config(tmp_path, plan_capacity_gib=1e-6, per_device_train_batch_size=2)
+    out = plan_lib.plan(c)
+    assert out["choice"] is None
+    printed = capsys.readouterr().out
+    tail = printed[printed.index("Nothing tried fits"):]
+    for needle in ("--config.plan_search=True", "--config.gradient_checkpointing=True",
+                   "--config.logits_chunk_size=256",
+                   "--config.per_device_train_batch_size=1 --config.gradient_accumulation_steps=4",
+                   "not in simpo_jax yet"):
+        assert needle in tail, needle
+    assert json.load(open(tmp_path / "plan.json"))["next_steps"] == out["next_steps"]
+    # Already searched, remat and chunked: those lines go; a target with more memory is named.
+    c = tiny_config(tmp_path, plan_target="tpu-v5e-8", plan_search=True,
+                    gradient_checkpointing=True, logits_chunk_size=128)
+    steps = plan_lib.next_steps(c, dict(out, target="tpu-v5e-8"))
+    assert not any("plan_search" in s or "gradient_checkpointing" in s or "logits_chunk_size" in s
+                   for s in steps)
+    assert any("tpu-v6e-8 (8 x 32 GiB)" in s and "8 x 16 GiB" in s for s in steps)
+    # Nothing compiled: memory advice would mislead.
+    failed = dict(out, tried=[{"remat_policy": "none", "mesh": {}, "error": "INTERNAL"}])
+    (only,) = plan_lib.next_steps(c, failed)
+    assert "no configuration compiled" in only
+
+
+LOCKED = ('ABORTED: Internal error when accessing libtpu multi-process lockfile. Run "$ sudo rm '
+          '/tmp/libtpu_lockfile".')  # what libtpu 0.0.42.1 says when another process holds it
+
+
+def test_libtpu_lockfile_held_elsewhere_is_one_line_with_the_fix(monkeypatch):
+    from jax.experimental import topologies
+
+    def held(**_):
+        raise jax.errors.JaxRuntimeError(LOCKED)
+
+    monkeypatch.setattr(topologies, "get_topology_desc", held)
+    with pytest.raises(ValueError) as e:
+        plan_lib.target_devices(plan_lib.TARGETS["tpu-v5e-8"])
+    message = str(e.value)
+    assert "\n" not in message and "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in message
+    assert "sudo rm" not in message  # libtpu's own advice would break the process holding it
+
+
 def test_verdict_flips_with_tiny_capacity(cpu_plan):
     (r,) = cpu_plan[1]["tried"]
     target = plan_lib.TARGETS["gpu-h100x8"]
@@ -138,3 +192,33 @@ def test_gpu_estimate_runs_in_its_own_process_when_devices_are_missing(tmp_path)
     out = plan_lib._plan_in_subprocess(tiny_config(tmp_path), 8)
     (r,) = out["tried"]
     assert r["kind"] == "estimate" and r["num_devices"] == 8 and r["params_bytes"] > 0
+
+
+HOLD_LIBTPU = """
+import sys, time
+from jax.experimental import topologies
+topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4")
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_plan_while_another_process_holds_libtpu(tmp_path):
+    env = dict(os.environ, TPU_ACCELERATOR_TYPE="v5litepod-8", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env.pop("ALLOW_MULTIPLE_LIBTPU_LOAD", None)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LIBTPU], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        if holder.stdout.readline().strip() != "holding":
+            pytest.skip("another process already holds libtpu's lockfile")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.run([sys.executable, "-c", TPU_CHECK, root, str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in last and "lockfile" in last, proc.stderr[-2000:]
