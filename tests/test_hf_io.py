@@ -46,6 +46,8 @@ IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
     ("llama", {}),
     ("qwen2", dict(tie_word_embeddings=True)),
     ("gemma2", dict(head_dim=8, sliding_window=4)),
+    ("qwen3", dict(tie_word_embeddings=True, head_dim=16)),
+    ("olmo2", dict(attention_bias=True, eos_token_id=2)),
 ])
 def test_round_trip_float32_is_bitwise(tmp_path, model_type, overrides):
     src = make_hf(tmp_path / "src", model_type, **overrides)
@@ -107,7 +109,7 @@ def test_bfloat16_export_loads_in_transformers(tmp_path):
 def test_unsupported_model_type(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"model_type": "gpt2"}, f)
-    with pytest.raises(ValueError, match=r"'gpt2'.*gemma2, llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*gemma2, llama, mistral, olmo2, qwen2, qwen3\."):
         models.from_pretrained(str(tmp_path))
 
 

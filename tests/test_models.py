@@ -36,6 +36,14 @@ VARIANTS = {
                                              sliding_window=4, max_window_layers=1)),
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
                               attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # per-head q/k norm; head_dim 24 != hidden / heads = 16, as Qwen3-0.6B (1024 / 16 != 128)
+    "qwen3_tied_head_dim": ("qwen3", dict(tie_word_embeddings=True, head_dim=24)),
+    "qwen3_bias_window": ("qwen3", dict(attention_bias=True, use_sliding_window=True,
+                                        sliding_window=4, max_window_layers=1)),
+    # q/k norm over the whole projection, norms after attention and MLP only
+    "olmo2": ("olmo2", dict(rms_norm_eps=1e-6, eos_token_id=2)),
+    "olmo2_bias_mha": ("olmo2", dict(attention_bias=True, num_attention_heads=8,
+                                     num_key_value_heads=8, eos_token_id=2)),
 }
 
 
@@ -91,8 +99,9 @@ def test_logits_match_transformers(name, tmp_path):
     ref = hf_logits(hf, ids, mask)
     got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(ours, ids, mask))
     assert got.dtype == np.float32 and got.shape == ref.shape
-    valid = mask == 1
-    assert np.abs(got - ref)[valid].max() < 1e-4
+    for row, padding in enumerate(("left", "right", "none")):
+        error = np.abs(got[row] - ref[row])[mask[row] == 1].max()
+        assert error < 1e-4, (padding, error)
     assert np.isfinite(got).all()  # padding rows too
 
 
@@ -109,6 +118,35 @@ def test_parameter_paths_follow_hf_keys():
     assert paths["model.norm.weight"] == (64,)
     assert "lm_head.weight" not in paths  # tied
     np.testing.assert_array_equal(np.asarray(model.model.norm.weight[...]), 0.0)  # (1 + w) norms
+
+
+def test_qk_norm_and_post_norm_parameters_follow_hf_keys():
+    def shapes(model_type, **overrides):
+        """(our {path: shape}, {HF key: shape} of our export, transformers' {key: shape})."""
+        config = dict(model_type=model_type, **SMALL, **overrides)
+        _, params = nnx.split(models.from_config(config), nnx.Param)
+        ours = {sharding_lib.path_str(p): x.shape
+                for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        exported = {k: v.shape for k, v in models.to_hf_tensors(models.from_config(config)).items()}
+        hf = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**config))
+        reference = {k: tuple(v.shape) for k, v in hf.state_dict().items()
+                     if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)}
+        return ours, exported, reference
+
+    q, exported, reference = shapes("qwen3", head_dim=24, tie_word_embeddings=True)
+    assert exported == reference
+    assert q["model.layers.self_attn.q_proj.weight"] == (2, 4 * 24, 64)
+    assert q["model.layers.self_attn.q_norm.weight"] == (2, 24)  # per head
+    assert q["model.layers.self_attn.k_norm.weight"] == (2, 24)
+    assert "lm_head.weight" not in q and "model.layers.post_feedforward_layernorm.weight" not in q
+    o, exported, reference = shapes("olmo2", eos_token_id=2)
+    assert exported == reference
+    assert o["model.layers.self_attn.q_norm.weight"] == (2, 64)  # whole projection, H * E
+    assert o["model.layers.self_attn.k_norm.weight"] == (2, 32)  # K * E
+    assert o["model.layers.post_attention_layernorm.weight"] == (2, 64)
+    assert o["model.layers.post_feedforward_layernorm.weight"] == (2, 64)
+    assert "model.layers.input_layernorm.weight" not in o and "lm_head.weight" in o
 
 
 def test_from_config_dict_defaults_and_init():

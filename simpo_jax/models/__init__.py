@@ -1,4 +1,4 @@
-"""Decoder-only language models (llama, mistral, qwen2, gemma2) in Flax NNX, with HF import/export.
+"""Decoder-only language models (llama, mistral, qwen2, qwen3, gemma2, olmo2) in Flax NNX, with HF I/O.
 
     model = from_pretrained("path/to/hf_folder", mesh=mesh, dtype=jnp.bfloat16)
     logits_BTV = model(input_ids_BT, attention_mask_BT)

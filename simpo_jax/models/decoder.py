@@ -1,5 +1,10 @@
 """One decoder-only transformer for every supported family; differences live in ArchConfig.
 
+Where the norms sit (norm_layout), per decoder layer:
+    pre       x += attn(in_norm(x));            x += mlp(post_attn_norm(x))    llama, mistral, qwen
+    sandwich  x += post_attn(attn(in_norm(x))); x += post_ff(mlp(pre_ff(x)))   gemma2
+    post      x += post_attn(attn(x));          x += post_ff(mlp(x))           olmo2
+
 Axis legend as in layers.py. Decoder layers are stored stacked (leading axis L) and applied with
 jax.lax.scan, so compile time does not grow with depth; the per-layer sliding window is a
 scanned input, so alternating local/global layers (gemma2) share one scanned block.
@@ -20,6 +25,8 @@ from flax import nnx
 from simpo_jax.models import layers as L
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
+NORM_LAYOUTS = ("pre", "sandwich", "post")
+QK_NORMS = (None, "head", "projection")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +49,22 @@ class ArchConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
-    gemma_norm: bool = False  # (1 + w) RMSNorm in float32
-    sandwich_norm: bool = False  # gemma2: extra post-attention / pre+post-feedforward norms
+    norm_kind: str = "llama"  # RMSNorm numerics, layers.NORM_KINDS
+    norm_layout: str = "pre"  # pre | sandwich | post, see the module docstring
+    qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (over E, qwen3) or
+    #                             "projection" (over the whole H*E / K*E projection, olmo2)
     scale_embeddings: bool = False  # gemma2: embeddings times sqrt(hidden_size)
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
     initializer_range: float = 0.02
     attention_impl: str = "auto"  # auto | xla | cudnn (layers.select_attention); not in config.json
+
+    def __post_init__(self):
+        if self.norm_layout not in NORM_LAYOUTS:
+            raise ValueError(f"norm_layout={self.norm_layout!r}; valid: {', '.join(NORM_LAYOUTS)}.")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm={self.qk_norm!r}; valid: {QK_NORMS}.")
 
 
 class Attention(nnx.Module):
@@ -59,6 +74,12 @@ class Attention(nnx.Module):
         self.k_proj = L.Linear(d, k * e, bias=arch.qkv_bias, **kw)
         self.v_proj = L.Linear(d, k * e, bias=arch.qkv_bias, **kw)
         self.o_proj = L.Linear(h * e, d, bias=arch.o_bias, **kw)
+        if arch.qk_norm is not None:
+            per_head = arch.qk_norm == "head"
+            norm = dict(eps=arch.rms_norm_eps, kind=arch.norm_kind, layers=kw["layers"],
+                        dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+            self.q_norm = L.RMSNorm(e if per_head else h * e, **norm)
+            self.k_norm = L.RMSNorm(e if per_head else k * e, **norm)
         self.arch = arch
 
     def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None):
@@ -66,8 +87,14 @@ class Attention(nnx.Module):
         [index, index + T), attention runs over all S slots, and (out, new cache) is returned."""
         a = self.arch
         b, t, _ = x_BTD.shape
-        q = L.apply_rope(self.q_proj(x_BTD).reshape(b, t, a.num_heads, a.head_dim), cos, sin)
-        k = L.apply_rope(self.k_proj(x_BTD).reshape(b, t, a.num_kv_heads, a.head_dim), cos, sin)
+        q, k = self.q_proj(x_BTD), self.k_proj(x_BTD)
+        if a.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, a.num_heads, a.head_dim)
+        k = k.reshape(b, t, a.num_kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
         v = self.v_proj(x_BTD).reshape(b, t, a.num_kv_heads, a.head_dim)
         if cache is not None:
             k_cache, v_cache, index = cache
@@ -101,28 +128,31 @@ class Block(nnx.Module):
     def __init__(self, arch: ArchConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(layers=arch.num_layers, std=arch.initializer_range, dtype=dtype,
                   param_dtype=param_dtype, rngs=rngs)
-        norm = dict(eps=arch.rms_norm_eps, gemma=arch.gemma_norm, layers=arch.num_layers,
+        norm = dict(eps=arch.rms_norm_eps, kind=arch.norm_kind, layers=arch.num_layers,
                     dtype=dtype, param_dtype=param_dtype)
         self.self_attn = Attention(arch, kw)
         self.mlp = MLP(arch, kw)
-        self.input_layernorm = L.RMSNorm(arch.hidden_size, **norm)
+        if arch.norm_layout != "post":
+            self.input_layernorm = L.RMSNorm(arch.hidden_size, **norm)
         self.post_attention_layernorm = L.RMSNorm(arch.hidden_size, **norm)
-        if arch.sandwich_norm:
+        if arch.norm_layout == "sandwich":
             self.pre_feedforward_layernorm = L.RMSNorm(arch.hidden_size, **norm)
+        if arch.norm_layout != "pre":
             self.post_feedforward_layernorm = L.RMSNorm(arch.hidden_size, **norm)
-        self.sandwich = arch.sandwich_norm
+        self.layout = arch.norm_layout
 
     def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None):
-        h = self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS, cache)
+        attn_in = x_BTD if self.layout == "post" else self.input_layernorm(x_BTD)
+        h = self.self_attn(attn_in, cos, sin, mask_BTS, cache)
         if cache is not None:
             h, cache = h
-        if self.sandwich:
-            x_BTD = x_BTD + self.post_attention_layernorm(h)
-            h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
-            out = x_BTD + h
-        else:
+        if self.layout == "pre":  # post_attention_layernorm is the MLP's pre-norm here
             x_BTD = x_BTD + h
             out = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        else:
+            x_BTD = x_BTD + self.post_attention_layernorm(h)
+            mlp_in = self.pre_feedforward_layernorm(x_BTD) if self.layout == "sandwich" else x_BTD
+            out = x_BTD + self.post_feedforward_layernorm(self.mlp(mlp_in))
         return out if cache is None else (out, cache)
 
 
@@ -133,7 +163,7 @@ class Decoder(nnx.Module):
         self.embed_tokens = L.Embed(arch.vocab_size, arch.hidden_size, std=arch.initializer_range,
                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = Block(arch, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm = L.RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, gemma=arch.gemma_norm,
+        self.norm = L.RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, kind=arch.norm_kind,
                               layers=None, dtype=dtype, param_dtype=param_dtype)
 
 

@@ -14,7 +14,9 @@ ARCHITECTURES = {  # model_type -> transformers class written to config.json "ar
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
 
 
@@ -83,6 +85,15 @@ def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
     if c.model_type == "qwen2":
         return ArchConfig(**common, hidden_act=c.hidden_act, qkv_bias=True,
                           sliding_windows=_windows(c, getattr(c, "layer_types", None)))
+    if c.model_type == "qwen3":  # sliding_window is None unless use_sliding_window
+        bias = bool(getattr(c, "attention_bias", False))
+        return ArchConfig(**common, hidden_act=c.hidden_act, qkv_bias=bias, o_bias=bias,
+                          qk_norm="head", sliding_windows=_windows(c, c.layer_types))
+    if c.model_type == "olmo2":
+        bias = bool(getattr(c, "attention_bias", False))
+        return ArchConfig(**common, hidden_act=c.hidden_act, qkv_bias=bias, o_bias=bias,
+                          qk_norm="projection", norm_kind="olmo2", norm_layout="post",
+                          sliding_windows=(L.NO_WINDOW,) * c.num_hidden_layers)
     if c.model_type == "gemma2":
         if getattr(c, "use_bidirectional_attention", None):
             raise ValueError("gemma2 use_bidirectional_attention=True is not supported; the "
@@ -90,8 +101,8 @@ def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
         bias = bool(getattr(c, "attention_bias", False))
         act = getattr(c, "hidden_activation", None) or c.hidden_act
         return ArchConfig(**common, hidden_act=act, qkv_bias=bias, o_bias=bias,
-                          sliding_windows=_windows(c, c.layer_types), gemma_norm=True,
-                          sandwich_norm=True, scale_embeddings=True,
+                          sliding_windows=_windows(c, c.layer_types), norm_kind="gemma",
+                          norm_layout="sandwich", scale_embeddings=True,
                           attn_scale=float(c.query_pre_attn_scalar) ** -0.5,
                           attn_softcap=c.attn_logit_softcapping,
                           final_softcap=c.final_logit_softcapping)

@@ -59,22 +59,31 @@ class Embed(nnx.Module):
                           self.weight[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
 
-class RMSNorm(nnx.Module):
-    """RMSNorm with Hugging Face numerics: llama (w * norm(x).to(dtype)) or gemma ((1 + w) in fp32)."""
+NORM_KINDS = ("llama", "gemma", "olmo2")
 
-    def __init__(self, size: int, *, eps: float, gemma: bool, layers: int | None, dtype,
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with Hugging Face numerics, by `kind`: llama
+    w * norm(x).to(dtype); gemma ((1 + w) * norm(x)) in fp32; olmo2 (w * norm(x)) in fp32.
+    """
+
+    def __init__(self, size: int, *, eps: float, kind: str, layers: int | None, dtype,
                  param_dtype):
+        if kind not in NORM_KINDS:
+            raise ValueError(f"RMSNorm kind={kind!r}; valid: {', '.join(NORM_KINDS)}.")
         lead = () if layers is None else (layers,)
-        init = jnp.zeros if gemma else jnp.ones
+        init = jnp.zeros if kind == "gemma" else jnp.ones
         self.weight = nnx.Param(init(lead + (size,), param_dtype))
-        self.eps, self.gemma, self.dtype = eps, gemma, dtype
+        self.eps, self.kind, self.dtype = eps, kind, dtype
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         w = self.weight[...]
-        if self.gemma:
+        if self.kind == "gemma":
             return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        if self.kind == "olmo2":
+            return (w.astype(jnp.float32) * normed).astype(x.dtype)
         return w.astype(self.dtype) * normed.astype(x.dtype)
 
 
