@@ -62,10 +62,23 @@ def simpo_loss(chosen_logps, rejected_logps, *, beta, gamma_beta_ratio, loss_typ
 def completion_mask(completion_start, lengths, num_tokens):
     """[..., T-1] mask over next-token targets 1..T-1: target j is scored iff start <= j < length.
 
-    Built from positions and lengths, never from token ids (pad may equal EOS).
+    The one rule for what is scored: completion tokens with index >= 1 (token 0 has no
+    predictor), so an empty prompt's first completion token is not. Built from positions and
+    lengths, never from token ids (pad may equal EOS).
     """
     targets = jnp.arange(1, num_tokens)
     return ((targets >= completion_start[..., None]) & (targets < lengths[..., None]))
+
+
+def pair_weights(counts, pair_mask):
+    """([B] 1.0 for a pair that counts, the number of such pairs, their chosen scored tokens).
+
+    counts [B, 2]: scored tokens of chosen and rejected; a pair counts when it is real (pair_mask)
+    and both sides have scored tokens. The loss is a mean over these pairs and the SFT term a mean
+    over these tokens: the train step's denominators come from this function too.
+    """
+    valid = pair_mask * (counts[:, 0] > 0) * (counts[:, 1] > 0)
+    return valid, valid.sum(), (counts[:, 0] * valid).sum()
 
 
 def token_logps(logits, input_ids):
@@ -129,13 +142,12 @@ def pair_metric_sums(logps, counts, mean_logits, pair_mask, token_sums, cfg: Los
     the summed completion log-probability (for the SFT term, a token mean over chosen tokens).
     Returns (objective_sum, sums) where sums holds pair sums plus `pairs`, `sft_tokens`.
     """
-    valid = pair_mask * (counts[:, 0] > 0) * (counts[:, 1] > 0)
+    valid, num_pairs, chosen_tokens = pair_weights(counts, pair_mask)
     chosen, rejected = logps[:, 0], logps[:, 1]
     losses, r_c, r_r = simpo_loss(chosen, rejected, beta=cfg.beta,
                                   gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                                   label_smoothing=cfg.label_smoothing)
     chosen_nll_sum = -(token_sums[:, 0] * valid).sum()
-    chosen_tokens = (counts[:, 0] * valid).sum()
     sums = {
         "simpo_loss": (losses * valid).sum(),
         "rewards/chosen": (r_c * valid).sum(),
@@ -147,7 +159,7 @@ def pair_metric_sums(logps, counts, mean_logits, pair_mask, token_sums, cfg: Los
         "logits/chosen": (mean_logits[:, 0] * valid).sum(),
         "logits/rejected": (mean_logits[:, 1] * valid).sum(),
         "sft_nll": jax.lax.stop_gradient(chosen_nll_sum),
-        "pairs": valid.sum(),
+        "pairs": num_pairs,
         "sft_tokens": chosen_tokens,
     }
     return sums, chosen_nll_sum, chosen_tokens

@@ -138,8 +138,13 @@ def row_score_width(counts, row_length: int) -> int:
     return min(max(-(-max(counts, default=1) // step) * step, step), row_length)
 
 
+def _first_scored(prompt: int) -> int:
+    """Index of a completion's first scored token: a token at sequence index 0 has no predictor."""
+    return 1 if prompt == 0 else 0
+
+
 def _scored(prompt: int, completion: int) -> int:
-    return completion - (prompt == 0 and completion > 0)  # a first token at index 0 has no predictor
+    return max(completion - _first_scored(prompt), 0)
 
 
 def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pairs_per_row: int,
@@ -192,8 +197,8 @@ def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pai
                 src = at + np.arange(lc) - 1
                 if lc:
                     src[0] = prompt_end
-                k0 = 1 if lp == 0 else 0
-                scored.append((src[k0:], comp[k0:], np.full(lc - k0, 2 * slot + side)))
+                k0 = _first_scored(lp)
+                scored.append((src[k0:], comp[k0:], np.full(len(src[k0:]), 2 * slot + side)))
                 at += lc
         if scored:
             src, tgt, slot_ids = (np.concatenate(x) for x in zip(*scored))

@@ -126,22 +126,31 @@ def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
                                                     logits_chunk_size)
     r, p = batch["pair_mask"].shape
     # Per-row sums into (pair slot, side) by a one-hot contraction: local to each row (shard).
-    onehot = jax.nn.one_hot(batch["score_slot"], 2 * p, dtype=jnp.float32)  # slot -1: all zeros
-    token_sums, counts, logit_sums = (
-        jnp.einsum("rn,rnk->rk", x, onehot).reshape(r * p, 2)
-        for x in (tok_logps, jnp.ones_like(tok_logps), tok_mean_logits))
+    onehot = _slot_onehot(batch)
+    token_sums, logit_sums = (jnp.einsum("rn,rnk->rk", x, onehot).reshape(r * p, 2)
+                              for x in (tok_logps, tok_mean_logits))
+    counts, pair_mask = scored_counts(batch)
     safe = jnp.maximum(counts, 1.0)
-    return (token_sums / safe, counts, logit_sums / safe, token_sums,
-            batch["pair_mask"].reshape(-1))
+    return token_sums / safe, counts, logit_sums / safe, token_sums, pair_mask
 
 
-def _completion_counts(batch):
-    """([pairs, 2] completion lengths, [pairs] pair mask) of either batch format."""
+def _slot_onehot(batch):
+    """[R, N, 2 * P] float32: scored token n of row r belongs to (pair slot, side); slot -1: none."""
+    return jax.nn.one_hot(batch["score_slot"], 2 * batch["pair_mask"].shape[1], dtype=jnp.float32)
+
+
+def scored_counts(batch):
+    """([pairs, 2] scored tokens of chosen and rejected, [pairs] pair mask), from the batch alone.
+
+    The tokens the loss scores and no others: the padded layout's loss.completion_mask, the packed
+    rows' score slots. Known before the forward pass, so the train step's denominators use it.
+    """
     if is_packed(batch):
-        return (batch["completion_lengths"].reshape(-1, 2).astype(jnp.float32),
-                batch["pair_mask"].reshape(-1))
-    counts = jnp.maximum(batch["lengths"] - batch["completion_start"], 0).astype(jnp.float32)
-    return counts, batch["pair_mask"]
+        counts = _slot_onehot(batch).sum(1).reshape(-1, 2)
+        return counts, batch["pair_mask"].reshape(-1)
+    ids = batch["input_ids"]
+    mask = loss_lib.completion_mask(batch["completion_start"], batch["lengths"], ids.shape[-1])
+    return mask.sum(-1).astype(jnp.float32), batch["pair_mask"]
 
 
 def _num_tokens(batch):
@@ -151,11 +160,13 @@ def _num_tokens(batch):
     return jnp.sum(batch["lengths"] * batch["pair_mask"][:, None])
 
 
-def _denominators(batch):
-    """Valid pairs and chosen tokens of the whole (global) batch, known before the forward pass."""
-    counts, pair_mask = _completion_counts(batch)
-    valid = pair_mask * (counts[:, 0] > 0) * (counts[:, 1] > 0)
-    return jnp.maximum(valid.sum(), 1.0), jnp.maximum((counts[:, 0] * valid).sum(), 1.0)
+def denominators(batch):
+    """(pairs, chosen tokens) the loss averages over in the whole (global) batch, at least 1 each.
+
+    The rule of the loss itself (scored_counts, loss.pair_weights), applied before the forward pass.
+    """
+    _, num_pairs, num_tokens = loss_lib.pair_weights(*scored_counts(batch))
+    return jnp.maximum(num_pairs, 1.0), jnp.maximum(num_tokens, 1.0)
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
@@ -166,7 +177,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     Each micro-batch's objective is normalised by the global batch's pair and token counts, so the
     summed gradients equal those of one large batch exactly.
     """
-    num_pairs, num_sft_tokens = _denominators(batch)
+    num_pairs, num_sft_tokens = denominators(batch)
 
     def objective(params, micro):
         sums, nll_sum, _ = pair_forward(graphdef, params, micro, cfg, logits_chunk_size)

@@ -364,6 +364,18 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     assert os.path.exists(out / "config.json")
 
 
+def test_preemption_guard_stops_on_a_signal_and_a_second_ctrl_c_at_once():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with ckpt_lib.PreemptionGuard() as guard:
+        assert not guard.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.should_stop(2) and guard.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs on this thread before the sleep returns
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 @pytest.mark.slow
 def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi

@@ -443,6 +443,7 @@ def test_report_and_cache(tok, tiny, cache_dir, tmp_path):
 
 def test_from_config_reads_base_fields():
     from configs import tiny
-    cfg = data_lib.DataConfig.from_config(tiny.get_config())
-    assert cfg.dataset_mixer == (("assets/tiny_prefs", 1.0),) and cfg.max_length == 64
+    config = tiny.get_config()
+    cfg = data_lib.DataConfig.from_config(config)
+    assert cfg.dataset_mixer == tuple(dict(config.dataset_mixer).items()) and cfg.max_length == 64
     assert cfg.splits == ("train_prefs", "test_prefs")

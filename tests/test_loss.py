@@ -1,5 +1,7 @@
 """SimPO loss against the seed documents' worked examples and a float64 NumPy reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,36 @@ def test_empty_completion_gives_no_nan():
                                            (logps * count).reshape(1, 2), cfg)
     m = loss_lib.finalize_metrics(sums, cfg)
     assert float(sums["pairs"]) == 0.0 and all(np.isfinite(float(v)) for v in m.values())
+
+
+def test_empty_prompt_first_token_is_not_scored():
+    # Token 0 has no predictor: with an empty prompt a one-token completion scores nothing, so the
+    # pair does not count, in the loss or in the denominators (pair_weights serves both).
+    mask = loss_lib.completion_mask(jnp.array([0, 0, 2]), jnp.array([1, 3, 4]), 5)
+    assert mask.astype(int).tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0]]
+    counts = mask.sum(-1).astype(jnp.float32)
+    valid, pairs, tokens = loss_lib.pair_weights(jnp.stack([counts[:2], counts[1:]]),
+                                                 jnp.array([1.0, 1.0]))
+    assert valid.tolist() == [0.0, 1.0] and float(pairs) == 1.0 and float(tokens) == 2.0
+    _, pairs, _ = loss_lib.pair_weights(jnp.array([[2.0, 3.0]]), jnp.array([0.0]))
+    assert float(pairs) == 0.0  # a padding pair never counts
+
+
+def test_tied_rewards_are_not_accurate():
+    # TRL's rewards/accuracies is chosen_rewards > rejected_rewards: a tie is not a win.
+    cfg = loss_lib.LossConfig(beta=2.0, gamma_beta_ratio=0.5)
+    logps = jnp.array([[-1.0, -1.0], [-1.0, -2.0]])
+    counts = jnp.full((2, 2), 3.0)
+    sums, _, _ = loss_lib.pair_metric_sums(logps, counts, jnp.zeros((2, 2)), jnp.ones(2),
+                                           logps * counts, cfg)
+    assert float(loss_lib.finalize_metrics(sums, cfg)["rewards/accuracies"]) == 0.5
+
+
+def test_loss_config_reads_every_field():
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.beta, c.gamma_beta_ratio, c.loss_type, c.label_smoothing, c.sft_weight = (
+        2.5, 0.3, "sigmoid", 0.1, 0.25)
+    got = dataclasses.asdict(loss_lib.LossConfig.from_config(c))
+    assert got == {k: c[k] for k in got}

@@ -1,5 +1,7 @@
 """Schedules against transformers' schedulers step for step; the weight-decay mask."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,6 +41,20 @@ def test_schedule_matches_transformers(kind, total, warmup_ratio, warmup_steps):
     # The issue's named points: start, end of warmup, middle, end.
     for s in (0, warmup, total // 2, total - 1):
         assert got[s] == pytest.approx(expected[s], rel=1e-5, abs=1e-12)
+
+
+def test_updates_follow_the_schedule():
+    # Adam on a constant gradient moves each weight by lr * sign(g): update k uses schedule(k).
+    c = dataclasses.replace(cfg("linear", warmup_ratio=0.0, warmup_steps=3), learning_rate=1e-2)
+    tx, schedule = optim.make_optimizer(c, total_steps=10)
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    state = tx.init(params)
+    for k in range(8):
+        updates, state = tx.update(grads, state, params)
+        np.testing.assert_allclose(updates["w"], -float(schedule(k)) * np.sign(grads["w"]),
+                                   rtol=1e-4, atol=1e-9)
+    assert float(schedule(1)) < float(schedule(3)) > float(schedule(7)) > 0
 
 
 def test_decay_mask_skips_norms_and_biases():

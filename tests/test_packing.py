@@ -40,10 +40,12 @@ def random_pairs(n, seed=0, prompt=(1, 12), completion=(1, 12)):
 
 
 def edge_pairs(n=12):
-    """Random pairs plus the edges: an empty prompt, an empty rejected completion (invalid pair)."""
+    """Random pairs plus the edges: an empty prompt; an empty rejected completion, and an empty
+    prompt before a one-token chosen (nothing scored: neither pair counts)."""
     pairs = random_pairs(n)
     pairs.prompt_ids[3] = pairs.prompt_ids[3][:0]
     pairs.rejected_ids[5] = pairs.rejected_ids[5][:0]
+    pairs.prompt_ids[7], pairs.chosen_ids[7] = pairs.prompt_ids[7][:0], pairs.chosen_ids[7][:1]
     return pairs
 
 
@@ -59,9 +61,17 @@ def both_batches(pairs, layout, rows_multiple=1):
     return padded, packed, packing.slot_pairs(rows, MAX_PAIRS)
 
 
-def objective(graphdef, chunk):
+def counted(pairs):
+    """(pairs the loss counts, their chosen scored tokens), from the token lists: a completion's
+    tokens from sequence index 1 on are scored; a pair counts if both sides have one."""
+    scored = [[len(c) - (len(p) == 0 and len(c) > 0) for c in (ch, rj)]
+              for p, ch, rj in zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids)]
+    valid = [c > 0 and r > 0 for c, r in scored]
+    return sum(valid), sum(c for (c, _), v in zip(scored, valid) if v)
+
+
+def objective(graphdef, chunk, num_pairs, num_sft):
     def fn(params, batch):
-        num_pairs, num_sft = step_lib._denominators(batch)
         sums, nll, _ = step_lib.pair_forward(graphdef, params, batch, LOSS, chunk)
         return sums["simpo_loss"] / num_pairs + LOSS.sft_weight * nll / num_sft, sums
     return jax.jit(jax.value_and_grad(fn, has_aux=True))
@@ -87,15 +97,48 @@ def test_rows_equal_padded(config, layout):
         np.testing.assert_allclose(g[real], r[slot_pair[real]], rtol=1e-5, atol=1e-5)
     assert not got[4][~real].any()
 
-    fn = objective(graphdef, 0)
-    (loss_ref, sums_ref), g_ref = fn(params, padded)
-    (loss_rows, sums_rows), g_rows = objective(graphdef, 16)(params, packed)
+    # The step's denominators (known before the forward pass) are the pairs and tokens scored.
+    num_pairs, num_sft = counted(pairs)
+    assert num_pairs == pairs.num_pairs - 2
+    for batch in (padded, packed):
+        assert [float(x) for x in step_lib.denominators(batch)] == [num_pairs, num_sft]
+    (loss_ref, sums_ref), g_ref = objective(graphdef, 0, num_pairs, num_sft)(params, padded)
+    (loss_rows, sums_rows), g_rows = objective(graphdef, 16, num_pairs, num_sft)(params, packed)
     np.testing.assert_allclose(float(loss_rows), float(loss_ref), rtol=1e-5, atol=1e-6)
-    assert float(sums_rows["pairs"]) == float(sums_ref["pairs"]) == pairs.num_pairs - 1
+    assert float(sums_rows["pairs"]) == float(sums_ref["pairs"]) == num_pairs
+    assert float(sums_rows["sft_tokens"]) == float(sums_ref["sft_tokens"]) == num_sft
     for k in sums_ref:
         np.testing.assert_allclose(float(sums_rows[k]), float(sums_ref[k]), rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  g_rows, g_ref)
+
+
+@pytest.mark.parametrize("layout", packing.LAYOUTS)
+def test_rows_hold_each_sequence_at_its_positions(layout):
+    """Each pair's two sequences, read back from the row by segment and branch, are prompt +
+    completion at positions 0..n-1; each scored slot is a completion token (index >= 1 in its
+    sequence) predicted from the hidden state of the token before it in that sequence."""
+    pairs = edge_pairs()
+    _, rows, slot_pair = both_batches(pairs, layout)
+    for s, i in enumerate(slot_pair):
+        if i < 0:
+            continue
+        r, slot = divmod(s, MAX_PAIRS)
+        prompt = list(pairs.prompt_ids[i])
+        for side, completion in enumerate((pairs.chosen_ids[i], pairs.rejected_ids[i])):
+            if layout == "packed":
+                seen = rows["segment_ids"][r] == 2 * slot + side + 1
+            else:
+                seen = (rows["segment_ids"][r] == slot + 1) & np.isin(rows["branch_ids"][r],
+                                                                      (0, side + 1))
+            at = np.flatnonzero(seen)
+            sequence = prompt + list(completion)
+            assert rows["input_ids"][r, at].tolist() == sequence
+            assert rows["positions"][r, at].tolist() == list(range(len(sequence)))
+            mine = rows["score_slot"][r] == 2 * slot + side
+            first = max(len(prompt), 1)
+            assert rows["score_target"][r, mine].tolist() == sequence[first:]
+            assert rows["score_index"][r, mine].tolist() == at[first - 1:-1].tolist()
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
 """Padded pair batches with static shapes; the training order is a pure function of (seed, step).
 
+Each epoch is a random permutation cut into global batches, as TRL's and the original SimPO
+trainer's random samplers; group_by_length instead sorts windows of WINDOW_BATCHES global batches
+by length (less padding, but a step is then all-short or all-long pairs).
+
 Batch (numpy), B = pairs in this process's slice, T = padded length:
   input_ids int32 [B, 2, T]: index 0 = prompt + chosen, 1 = prompt + rejected, right-padded;
   completion_start int32 [B, 2]: prompt length; lengths int32 [B, 2]: prompt + completion length;
@@ -9,7 +13,7 @@ Batch (numpy), B = pairs in this process's slice, T = padded length:
 
 import numpy as np
 
-WINDOW_BATCHES = 64  # length-sorted windows of this many global batches
+WINDOW_BATCHES = 64  # group_by_length: length-sorted windows of this many global batches
 
 
 def steps_per_epoch(pairs, batch_size: int) -> int:
@@ -26,11 +30,15 @@ def default_buckets(max_length: int) -> tuple:
     return tuple(buckets) + (max_length,)
 
 
-def epoch_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int) -> np.ndarray:
-    """[steps_per_epoch, global_batch] pair indices: shuffled, length-sorted inside windows."""
+def epoch_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
+                group_by_length: bool = False) -> np.ndarray:
+    """[steps_per_epoch, global_batch] pair indices: shuffled (then length-sorted inside windows
+    of batches, which are shuffled, if group_by_length)."""
     steps = len(lengths) // global_batch
     rng = np.random.default_rng([seed, epoch])
     rows = rng.permutation(len(lengths))[:steps * global_batch]
+    if not group_by_length:
+        return rows.reshape(steps, global_batch)
     batches = []
     window = WINDOW_BATCHES * global_batch
     for start in range(0, len(rows), window):
@@ -41,7 +49,8 @@ def epoch_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int) -
 
 
 def train_batches(pairs, *, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, pad_id: int, max_length: int, length_buckets=None):
+                  process_count: int = 1, pad_id: int, max_length: int, length_buckets=None,
+                  group_by_length: bool = False):
     """This process's `batch_size` rows of global batch (batch_size * process_count) for steps
     start_step, start_step + 1, ... forever; epoch e = step // steps_per_epoch."""
     global_batch = batch_size * process_count
@@ -54,7 +63,7 @@ def train_batches(pairs, *, batch_size: int, seed: int, start_step: int = 0, pro
     while True:
         if step // steps != epoch:
             epoch = step // steps
-            order = epoch_order(lengths, global_batch, seed, epoch)
+            order = epoch_order(lengths, global_batch, seed, epoch, group_by_length)
         rows = order[step % steps]
         width = _bucket(int(lengths[rows].max()), buckets)  # same T on every process
         local = rows[process_index * batch_size:(process_index + 1) * batch_size]

@@ -1,0 +1,127 @@
+"""Padded training order: a plain shuffle by default (as TRL), length-grouped windows with
+group_by_length; either a pure function of (seed, step), split over processes."""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from simpo_jax import build
+from simpo_jax import sharding as sharding_lib
+from simpo_jax.data import TokenizedPairs, batching
+
+GLOBAL_BATCH = 4
+
+
+def pairs_of_many_lengths(n=300, seed=0):
+    """Pair i's prompt starts with token i + 3, so a batch row tells which pair it holds."""
+    rng = np.random.default_rng(seed)
+
+    def ids(first, size):
+        return np.concatenate([[first], rng.integers(3, 90, size - 1)]).astype(np.int32)
+
+    return TokenizedPairs(prompt_ids=[ids(i + 3, rng.integers(1, 20)) for i in range(n)],
+                          chosen_ids=[ids(5, rng.integers(1, 20)) for _ in range(n)],
+                          rejected_ids=[ids(5, rng.integers(1, 20)) for _ in range(n)],
+                          sources=[f"test:{i}" for i in range(n)])
+
+
+def batch_pairs(batch):
+    return (batch["input_ids"][:, 0, 0] - 3).tolist()
+
+
+def take(pairs, count, **kw):
+    it = batching.train_batches(pairs, batch_size=kw.pop("batch_size", GLOBAL_BATCH), seed=7,
+                                pad_id=0, max_length=64, **kw)
+    return [next(it) for _ in range(count)]
+
+
+def spread(order, lengths):
+    """Mean over batches of the spread (max - min) of the pairs' lengths."""
+    return float(np.mean([np.ptp(lengths[rows]) for rows in order]))
+
+
+def test_default_order_is_a_plain_shuffle():
+    pairs = pairs_of_many_lengths()
+    lengths = pairs.lengths()
+    steps = pairs.num_pairs // GLOBAL_BATCH
+    for epoch in (0, 1):
+        expected = np.random.default_rng([7, epoch]).permutation(pairs.num_pairs)
+        order = batching.epoch_order(lengths, GLOBAL_BATCH, 7, epoch)
+        assert order.tolist() == expected[:steps * GLOBAL_BATCH].reshape(steps, -1).tolist()
+    got = take(pairs, steps + 2)
+    assert [batch_pairs(b) for b in got[:steps]] == batching.epoch_order(
+        lengths, GLOBAL_BATCH, 7, 0).tolist()
+    assert batch_pairs(got[steps]) == batching.epoch_order(lengths, GLOBAL_BATCH, 7, 1)[0].tolist()
+
+
+def test_group_by_length_sorts_windows_of_batches():
+    pairs = pairs_of_many_lengths()
+    lengths = pairs.lengths()
+    grouped = batching.epoch_order(lengths, GLOBAL_BATCH, 7, 0, group_by_length=True)
+    plain = batching.epoch_order(lengths, GLOBAL_BATCH, 7, 0)
+    assert sorted(grouped.ravel()) == sorted(plain.ravel())  # the same pairs, once each
+    window = batching.WINDOW_BATCHES
+    for start in range(0, len(grouped), window):
+        part = sorted(grouped[start:start + window],
+                      key=lambda rows: (lengths[rows].min(), lengths[rows].max()))
+        for a, b in zip(part, part[1:]):  # batches are consecutive runs of the sorted window
+            assert lengths[a].max() <= lengths[b].min()
+    assert spread(grouped, lengths) < 0.25 * spread(plain, lengths)
+    firsts = [int(lengths[rows].min()) for rows in grouped[:window]]
+    assert firsts != sorted(firsts)  # the window's batches are shuffled, not short to long
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_order_resumes_exactly_and_splits_over_processes(group_by_length):
+    pairs = pairs_of_many_lengths()
+    steps = pairs.num_pairs // GLOBAL_BATCH
+    full = take(pairs, steps + 3, group_by_length=group_by_length)
+    for k in (1, steps - 1, steps + 1):  # across the epoch boundary
+        resumed = take(pairs, 2, start_step=k, group_by_length=group_by_length)
+        for a, b in zip(resumed, full[k:k + 2]):
+            assert all(np.array_equal(a[key], b[key]) for key in a)
+    halves = [take(pairs, 3, start_step=steps - 1, batch_size=GLOBAL_BATCH // 2, process_index=p,
+                   process_count=2, group_by_length=group_by_length) for p in (0, 1)]
+    for g, a, b in zip(full[steps - 1:], *halves):
+        for key in g:  # the same padded length on every process
+            assert np.array_equal(np.concatenate([a[key], b[key]]), g[key]), key
+
+
+def test_train_batch_iterator_reads_group_by_length():
+    pairs = pairs_of_many_lengths()
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
+    got = {}
+    for flag in (False, True):
+        config = types.SimpleNamespace(seed=7, max_length=64, length_buckets=(), group_by_length=flag)
+        run = types.SimpleNamespace(config=config, data=types.SimpleNamespace(train=pairs, pad_id=0),
+                                    global_batch=GLOBAL_BATCH, mesh=mesh, packing=None)
+        with build.train_batch_iterator(run, start_step=3) as it:
+            got[flag] = [batch_pairs(jax.tree.map(np.asarray, next(it))) for _ in range(2)]
+        want = take(pairs, 2, start_step=3, group_by_length=flag)
+        assert got[flag] == [batch_pairs(b) for b in want]
+    assert got[False] != got[True]
+
+
+
+def test_resumed_loop_reads_the_batches_of_the_checkpoint_step(tmp_path, monkeypatch):
+    """The train loop resuming at step k asks for the batches from step k on (the tests above:
+    those are the batches an uninterrupted run reads there). No step compiles: k = max_steps."""
+    from test_checkpoint import tiny_config
+    from simpo_jax import train
+
+    config = tiny_config(tmp_path, max_steps=2, dataset_splits=("train_prefs",), num_samples=0,
+                         report_to=())
+    run = build.build(config)
+    run.checkpointer.save(2, run.state, run.meta)
+    run.checkpointer.close()
+    seen = []
+
+    def recording(run, start_step=0):
+        seen.append(start_step)
+        return build.train_batch_iterator(run, start_step)
+
+    monkeypatch.setattr(train, "train_batch_iterator", recording)
+    train.train(config)
+    assert seen == [2]
