@@ -308,9 +308,14 @@ def test_restore_onto_a_different_mesh(uninterrupted):
 def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    other_model = tmp_path / "narrower_model"  # the tiny base with another width
+    shutil.copytree(os.path.join(ROOT, "assets", "tiny_sft"), other_model)
+    hf_config = json.loads((other_model / "config.json").read_text())
+    hf_config.update(hidden_size=32, head_dim=8)
+    (other_model / "config.json").write_text(json.dumps(hf_config))
     c = tiny_config(out)
     c.unlock()
-    c.model_init.hidden_size = 32
+    c.model_name_or_path = str(other_model)
     with pytest.raises(ValueError, match="different model: .*hidden_size.*64.*hidden_size.*32"):
         build.build(c)
 
