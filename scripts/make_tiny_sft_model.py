@@ -11,7 +11,7 @@ stops early on purpose (STEPS), when it copies the requested word for about a th
 tiny_prefs test prompts: SimPO then has something visible to improve.
 
 Deterministic on a given machine (fixed seeds, CPU, no network); assets/tiny_sft is this script's
-output. About 2 minutes of CPU time.
+output (about 3 minutes on 2 CPU cores).
 
 Run: python scripts/make_tiny_sft_model.py [--out assets/tiny_sft]
 """
@@ -113,7 +113,7 @@ def pseudo_words(rng: random.Random, tokenizer, n: int) -> list[str]:
 
 
 def sft_rows(tokenizer) -> list[tuple[str, str]]:
-    """Every (prompt, response) of the SFT set, in a seeded order: each word once, a random phrasing."""
+    """Every (prompt, response) of the SFT set, seeded: each word once, with a random phrasing."""
     rng = random.Random(SEED)
     words = SFT_WORDS + pseudo_words(rng, tokenizer, NUM_PSEUDO_WORDS)
     rows = [(instruction(rng, w), w) for w in words]
@@ -203,7 +203,8 @@ def main(out: str, steps: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     model = train(tokenizer, steps)
     rate = copy_rate_lib.model_copy_rate(model, tokenizer, heldout_prompts())
-    seen = copy_rate_lib.model_copy_rate(model, tokenizer, [p for p, _ in sft_rows(tokenizer)[:300]])
+    own = [p for p, _ in sft_rows(tokenizer)[:300]]
+    seen = copy_rate_lib.model_copy_rate(model, tokenizer, own)
     models.save_pretrained(model, out, dtype="float32")
     for name in TOKENIZER_FILES:  # the shipped tokenizer, byte for byte
         shutil.copyfile(os.path.join(TOKENIZER, name), os.path.join(out, name))

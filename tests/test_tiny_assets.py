@@ -167,10 +167,10 @@ def test_onpolicy_pairs_are_tiny_prefs_with_the_base_s_mistakes_rejected():
             assert rejected and rejected != row["chosen"][1]["content"]
             assert row["score_chosen"] > row["score_rejected"]
     # The rows keep tiny_prefs' order (a few train rows dropped), and no test pair is trained on.
-    train = _rows("train", "tiny_prefs_onpolicy")
-    assert [r["prompt"] for r in _rows("test", "tiny_prefs_onpolicy")] == [r["prompt"] for r in _rows("test")]
-    test_pairs = {(r["prompt"], r["rejected"][1]["content"]) for r in _rows("test", "tiny_prefs_onpolicy")}
-    assert not test_pairs & {(r["prompt"], r["rejected"][1]["content"]) for r in train}
+    train, test = _rows("train", "tiny_prefs_onpolicy"), _rows("test", "tiny_prefs_onpolicy")
+    assert [r["prompt"] for r in test] == [r["prompt"] for r in _rows("test")]
+    pairs = lambda rows: {(r["prompt"], r["rejected"][1]["content"]) for r in rows}
+    assert not pairs(test) & pairs(train)
     size = sum(os.path.getsize(os.path.join(ONPOLICY, f"{s}_prefs.jsonl")) for s in ("train", "test"))
     assert size < 2_000_000
 
