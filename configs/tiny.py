@@ -15,13 +15,16 @@ chosen answers (sft_weight, as CPO-SimPO does) so the greedy answers improve wit
 - sft_weight=0.2 (the guide's top value): without it eval reward accuracy still rises to 0.97-0.99
   but the greedy copy rate of 64 test prompts falls (0.30 -> 0.11-0.19), the known failure of a
   margin loss alone (both log-probabilities fall; greedy decoding drifts to answers that are
-  neither). Copy rate after 300 steps: 0.81 at sft_weight 0.1, 0.88-0.91 at 0.2, 0.97 at 1.0
-  (which the doctor flags as weakening the preference term).
+  neither). Copy rate after 300 steps at beta 2.0: 0.81 at sft_weight 0.1, 0.88 at 0.2, 0.97 at
+  1.0 (which the doctor flags as weakening the preference term).
 - beta=1.0 (the guide's lower bound; 2.0 is standard): the base's mistakes are improbable
-  answers, so at beta 2.0 the reward margins pass 5 by step 200 and the doctor advises lowering
-  beta; at 1.0 they stay near 4.5 with the same accuracy.
+  answers, so at beta 2.0 the train reward margins pass 5 by step 200 and the doctor advises
+  lowering beta; at 1.0 they stay below 5, with the same accuracy and copy rate.
 - learning_rate=3e-4: below the 1e-3 a random init needed, as a base that already follows the
-  instruction wants a gentler step; at 1e-4 the copy rate reaches only 0.66.
+  instruction wants a gentler step (at 1e-4 the copy rate reaches only 0.66). --mode=lr_find,
+  swept far enough to diverge, suggests 3.0e-4.
+Measured with these settings: eval reward accuracy 0.40 -> 0.99 (step 100) -> 0.997, copy rate of
+64 test prompts 0.30 -> 0.69 -> 0.88; about 20 s on 2 idle CPU cores, as the random-init default.
 Copy rate of the samples at every eval: `python scripts/copy_rate.py outputs/tiny`.
 
 Run: python run.py --config=configs/tiny.py
