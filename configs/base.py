@@ -78,8 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.pack_row_length = 0  # tokens per packed row; 0 = 2 * max_length (every pair fits)
     c.pack_rows_per_device = 0  # rows per device per micro-batch; 0 = about per_device_train_batch_size pairs
     c.pack_max_pairs_per_row = 32
-    # padded layout: sort each window of batches by length, so a step holds pairs of one length
-    # (less padding, but not the random order TRL and the original SimPO trainer use).
+    # padded layout: sort each window of 64 global batches by length, so a step holds pairs of
+    # about one length, instead of the random order of TRL and the original SimPO trainer. Tiny
+    # task, 3 seeds, 300 steps: on gave eval loss 0.253 vs 0.213 off, reward accuracy 0.993 vs
+    # 0.999, copy rate 69-88% vs 88%, at the same speed. Packed layouts ignore it.
     c.group_by_length = False
 
     # --- Mesh: data x fsdp x tensor; -1 fills the remaining devices ----------------------------
