@@ -119,6 +119,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.plan_capacity_gib = 0.0  # memory per device to plan against; 0 = the target's own
     c.plan_search = False  # try remat policies and mesh shapes until one fits
 
+    # --- On-policy data (--mode=generate) and reward-model judging (--mode=rm_eval) ---------------
+    # Sampling as princeton-nlp/SimPO on_policy_data_gen/decode.py: one answer per seed per prompt.
+    c.generation_num_samples = 5  # answers per prompt; one seed each
+    c.generation_seeds = (13, 21, 42, 79, 100)  # the reference's seeds; as many as answers
+    c.generation_temperature = 0.8  # 0 = greedy
+    c.generation_top_p = 0.95  # nucleus mass kept (transformers' TopPLogitsWarper rule)
+    c.generation_max_new_tokens = 4096  # per answer (the reference's max_tokens); stops at EOS
+    c.generation_per_device_batch_size = 8  # sampled rows (prompt x seed) per data-parallel device
+    c.generation_shard_prompts = 256  # prompts per output shard, the unit a rerun resumes from
+    c.generation_output_dir = ""  # "" = <output_dir>/onpolicy
+    c.generation_test_fraction = 0.05  # of the pairs, written to test.jsonl
+    # A transformers *ForSequenceClassification folder or Hub id (llama, mistral, qwen2, gemma2...);
+    # "" = --mode=generate stops after sampling. Reward models needing custom code are refused.
+    c.reward_model_name_or_path = ""
+    c.reward_per_device_batch_size = 8  # answers scored per data-parallel device per batch
+    c.rm_eval_baseline = "model"  # what the trained policy is judged against: model | chosen
+    c.rm_eval_num_prompts = 0  # held-out (test split) prompts judged; 0 = all
+
     # --- Multi-process runs (GPU clusters; TPU pods use "auto") ----------------------------------
     c.coordinator_address = ""  # "" = single process; "auto" = detect (TPU pods, SLURM); host:port
     c.num_processes = -1  # -1 = from JAX_NUM_PROCESSES

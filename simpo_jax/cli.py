@@ -12,9 +12,9 @@ import sys
 from simpo_jax import config as config_lib
 from simpo_jax.config import UserError
 
-MODES = ("train", "eval", "export", "lr_find", "plot", "plan")
-BUILDING_MODES = ("train", "eval", "export", "lr_find")  # those that load a model (build.build)
-DATA_MODES = ("train", "eval", "lr_find")
+MODES = ("train", "eval", "export", "lr_find", "plot", "plan", "generate", "rm_eval")
+BUILDING_MODES = ("train", "eval", "export", "lr_find", "generate", "rm_eval")  # load a model
+DATA_MODES = ("train", "eval", "lr_find", "generate", "rm_eval")
 
 
 def main(config, mode: str = "train", argv: list[str] | None = None):
@@ -30,7 +30,7 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
 
         modes = {"train": train.train, "eval": evaluation.evaluate_checkpoint,
                  "export": train.export_checkpoint, "lr_find": lr_find.lr_find, "plot": plot,
-                 "plan": plan}
+                 "plan": plan, "generate": generate, "rm_eval": rm_eval}
         result = modes[mode](config)
     except UserError as e:  # the message is the whole story: no traceback
         print(f"run.py: error: {e}", file=sys.stderr, flush=True)
@@ -189,6 +189,20 @@ def plot(config) -> list[str]:
     for path in paths:
         print(path)
     return paths
+
+
+def generate(config) -> dict:
+    """--mode=generate: on-policy answers, scored and paired when a reward model is set."""
+    from simpo_jax.onpolicy import generate as generate_lib
+
+    return generate_lib.generate(config)
+
+
+def rm_eval(config) -> dict:
+    """--mode=rm_eval: the trained policy against a baseline, judged by the reward model."""
+    from simpo_jax.onpolicy import rm_eval as rm_eval_lib
+
+    return rm_eval_lib.rm_eval(config)
 
 
 def plan(config) -> dict:

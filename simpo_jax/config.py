@@ -25,12 +25,16 @@ CHOICES = {
     "export_dtype": ("bfloat16", "float32"),
     "batch_layout": ("padded", "packed", "shared_prompt"),
     "attention_implementation": ("auto", "xla", "cudnn"),
+    "rm_eval_baseline": ("model", "chosen"),
 }
 POSITIVE = ("beta", "learning_rate", "max_length", "max_prompt_length", "per_device_train_batch_size",
             "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-            "eval_steps", "save_steps", "pack_max_pairs_per_row")
+            "eval_steps", "save_steps", "pack_max_pairs_per_row", "generation_num_samples",
+            "generation_max_new_tokens", "generation_per_device_batch_size",
+            "generation_shard_prompts", "reward_per_device_batch_size")
 NON_NEGATIVE = ("gamma_beta_ratio", "sft_weight", "warmup_steps", "weight_decay", "max_grad_norm",
-                "warmup_ratio", "pack_row_length", "pack_rows_per_device")
+                "warmup_ratio", "pack_row_length", "pack_rows_per_device", "generation_temperature",
+                "rm_eval_num_prompts")
 # What config.dataset_mixer holds: a plain dict, whose keys (paths, Hub names) may contain dots, or
 # a ConfigDict made with allow_dotted_keys=True. run.py parses --config.dataset_mixer for this type.
 DATASET_MIXER_TYPES = (dict, ml_collections.ConfigDict)
@@ -81,6 +85,7 @@ def validate(config: ml_collections.ConfigDict, source: str = "") -> None:
     if config.loss_type == "hinge" and config.label_smoothing:
         raise UserError(f"config.label_smoothing={config.label_smoothing} does not apply to "
                         "loss_type='hinge': set it to 0.0 or use loss_type='sigmoid'.")
+    validate_generation(config)
     if config.warmup_ratio > 1:
         raise UserError(f"config.warmup_ratio={config.warmup_ratio}: must be in [0, 1].")
     if config.max_prompt_length >= config.max_length:
@@ -106,3 +111,16 @@ def validate(config: ml_collections.ConfigDict, source: str = "") -> None:
                 0 < amount <= 1 or amount > 1 and float(amount).is_integer()):
             raise UserError(f"config.dataset_mixer[{name!r}]={amount!r}: must be a fraction in (0, 1] "
                             "or a whole row count > 1.")
+
+
+def validate_generation(config: ml_collections.ConfigDict) -> None:
+    """The on-policy fields (--mode=generate, --mode=rm_eval) that need more than a sign."""
+    if len(config.generation_seeds) != config.generation_num_samples:
+        raise UserError(f"config.generation_seeds={tuple(config.generation_seeds)} has "
+                        f"{len(config.generation_seeds)} seeds for generation_num_samples="
+                        f"{config.generation_num_samples}: give one seed per answer.")
+    if not 0.0 < config.generation_top_p <= 1.0:
+        raise UserError(f"config.generation_top_p={config.generation_top_p}: must be in (0, 1].")
+    if not 0.0 <= config.generation_test_fraction < 1.0:
+        raise UserError(f"config.generation_test_fraction={config.generation_test_fraction}: must "
+                        "be in [0, 1).")

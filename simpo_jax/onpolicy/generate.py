@@ -1,0 +1,283 @@
+"""--mode=generate: sample answers to the data's prompts in resumable shards, score them, pair them.
+
+    <generation_output_dir>/                      (default <output_dir>/onpolicy)
+        generation_manifest.json   what was sampled (policy, seeds, sampling settings, prompts)
+        shards/generations-NNNNN.jsonl   per prompt: the answers, in order of generation_seeds
+        shards/scores-NNNNN.jsonl        per prompt: the reward model's score of each answer
+        train.jsonl, test.jsonl    preference rows (pairs.py), readable as dataset_mixer={dir: 1.0}
+        onpolicy_report.json       prompts in, drops per reason, scores, chosen/rejected lengths
+
+A shard is written whole (temporary name, then renamed) once its prompts are done, and a rerun
+skips the shards that exist. Each answer's PRNG key is PRNGKey(seed) folded with its prompt's id
+and the step, so a resumed run draws the same tokens as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from simpo_jax import build as build_lib
+from simpo_jax import data as data_lib
+from simpo_jax import hub
+from simpo_jax import sharding as sharding_lib
+from simpo_jax.config import UserError
+from simpo_jax.onpolicy import pairs as pairs_lib
+from simpo_jax.onpolicy import prompts as prompts_lib
+from simpo_jax.onpolicy import reward, sampling
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "generation_manifest.json"
+SCORES_MANIFEST = "scores_manifest.json"
+REPORT = "onpolicy_report.json"
+
+
+def output_dir(config) -> str:
+    return config.generation_output_dir or os.path.join(config.output_dir, "onpolicy")
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# --- The policy ------------------------------------------------------------------------------
+
+def load_policy(config, *, checkpoint: bool = True):
+    """(model, tokenizer, mesh, source): the run's latest checkpoint (or config.resume_from) when
+    there is one and `checkpoint`, else model_name_or_path (or model_init)."""
+    from simpo_jax import checkpoint as ckpt_lib
+
+    steps = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
+                                  save_total_limit=0).steps() if checkpoint else []
+    if checkpoint and (steps or config.resume_from):
+        run = build_lib.build(config, with_data=False)
+        run.checkpointer.close()
+        model = nnx.merge(run.graphdef, run.state.params)
+        source = (f"checkpoint {config.resume_from}" if config.resume_from else
+                  f"checkpoint {run.checkpointer.directory}/{run.start_step}")
+        return model, run.tokenizer, run.mesh, source
+    sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
+                                        config.process_id)
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
+    model_path, tokenizer_path = build_lib.pretrained_paths(config)
+    data_config = dataclasses.replace(data_lib.DataConfig.from_config(config),
+                                      tokenizer_name_or_path=tokenizer_path)
+    tokenizer = data_lib.load_tokenizer(data_config)
+    graphdef, params = build_lib.load_params(config, tokenizer, mesh, model_path, weights=True)
+    source = config.model_name_or_path or f"model_init (seed {config.model_init_seed})"
+    return nnx.merge(graphdef, params), tokenizer, mesh, source
+
+
+def sample_answers(config, model, tokenizer, mesh, prompt_ids: list, seeds: list, salts: list,
+                   progress: str = "") -> list[list[int]]:
+    """New tokens of each row (prompt tokens, seed, salt), batched by prompt length."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dp = sharding_lib.data_parallel_size(mesh)
+    rows = config.generation_per_device_batch_size * dp
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    out: list = [None] * len(prompt_ids)
+    keys = sampling.row_keys(seeds, salts)
+    tokens, start = 0, time.time()
+    for b in range(0, len(order), rows):
+        chunk = order[b:b + rows]
+        batch = [prompt_ids[i] for i in chunk]
+        new = sampling.sample(
+            model, batch, keys[chunk], max_new_tokens=config.generation_max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            temperature=config.generation_temperature, top_p=config.generation_top_p, mesh=mesh,
+            prompt_length=reward.bucket(max(len(p) for p in batch)), batch_rows=rows)
+        for i, t in zip(chunk, new):
+            out[i] = t
+        tokens += sum(len(t) for t in new)
+        seconds = max(time.time() - start, 1e-9)
+        _say(f"generate{progress}: {min(b + rows, len(order))}/{len(order)} answers, {tokens} "
+             f"tokens, {tokens / seconds:.1f} tokens/s")
+    return out
+
+
+# --- Sampling in shards ----------------------------------------------------------------------
+
+def _manifest(config, source: str, prompts: list) -> dict:
+    return {"policy": source, "num_prompts": len(prompts),
+            "prompts": prompts_lib.prompt_id([p["prompt_id"] for p in prompts]),
+            "generation_num_samples": config.generation_num_samples,
+            "generation_seeds": [int(s) for s in config.generation_seeds],
+            "generation_temperature": float(config.generation_temperature),
+            "generation_top_p": float(config.generation_top_p),
+            "generation_max_new_tokens": config.generation_max_new_tokens,
+            "generation_shard_prompts": config.generation_shard_prompts,
+            "max_prompt_length": config.max_prompt_length,
+            "truncation_mode": config.truncation_mode}
+
+
+def _check_manifest(path: str, wanted: dict, what: str) -> None:
+    """Writes the manifest, or refuses to mix shards made with other settings."""
+    if os.path.exists(path):
+        with open(path) as f:
+            found = json.load(f)
+        diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        if diff:
+            k = diff[0]
+            raise UserError(f"{os.path.dirname(path)} holds {what} made with {k}={found.get(k)!r}, "
+                            f"not {wanted.get(k)!r} (differing: {', '.join(diff)}). Use another "
+                            "config.generation_output_dir, or delete that folder to start over.")
+        return
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(wanted, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def shard_path(out_dir: str, kind: str, index: int) -> str:
+    return os.path.join(out_dir, "shards", f"{kind}-{index:05d}.jsonl")
+
+
+def sample_shards(config, model, tokenizer, mesh, prompts: list, source: str) -> str:
+    """Samples generation_num_samples answers per prompt into shards; skips shards already there."""
+    out_dir = output_dir(config)
+    _check_manifest(os.path.join(out_dir, MANIFEST), _manifest(config, source, prompts),
+                    "generations")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+    tokenized = []
+    for p in prompts:
+        ids, truncated = prompts_lib.token_ids(tokenizer, p["messages"], config.max_prompt_length,
+                                               config.truncation_mode)
+        tokenized.append((p, ids, truncated))
+    tokenized.sort(key=lambda x: (len(x[1]), x[0]["prompt_id"]))  # grouped by length
+    size = config.generation_shard_prompts
+    shards = [tokenized[i:i + size] for i in range(0, len(tokenized), size)]
+    todo = [k for k in range(len(shards)) if not os.path.exists(shard_path(out_dir, "generations", k))]
+    _say(f"generate: {len(prompts)} prompts x {config.generation_num_samples} answers from "
+         f"{source}, {len(shards)} shards ({len(shards) - len(todo)} already done) in {out_dir}")
+    n = config.generation_num_samples
+    for k in todo:
+        shard = shards[k]
+        rows = [(i, j) for i in range(len(shard)) for j in range(n)]
+        new = sample_answers(
+            config, model, tokenizer, mesh, [shard[i][1] for i, _ in rows],
+            [config.generation_seeds[j] for _, j in rows],
+            [int(shard[i][0]["prompt_id"][:8], 16) for i, _ in rows],
+            progress=f" shard {k + 1}/{len(shards)}")
+        records = []
+        for i, (p, ids, truncated) in enumerate(shard):
+            answers = new[i * n:(i + 1) * n]
+            records.append({
+                "prompt_id": p["prompt_id"], "prompt": p["prompt"], "messages": p["messages"],
+                "responses": [tokenizer.decode(t, skip_special_tokens=True) for t in answers],
+                "response_tokens": [len(t) for t in answers],
+                "finished": [tokenizer.eos_token_id in t for t in answers],
+                "prompt_truncated": truncated})
+        if jax.process_index() == 0:
+            pairs_lib.write_jsonl(shard_path(out_dir, "generations", k), records)
+    return out_dir
+
+
+def read_shards(out_dir: str, kind: str) -> list[list[dict]]:
+    paths = sorted(glob.glob(os.path.join(out_dir, "shards", f"{kind}-*.jsonl")))
+    return [data_lib.formats.read_file(p) for p in paths]
+
+
+# --- Scoring and pairs -----------------------------------------------------------------------
+
+def load_reward_model(config, mesh):
+    """(reward model, its tokenizer) of config.reward_model_name_or_path."""
+    where = f"config.reward_model_name_or_path={config.reward_model_name_or_path!r}"
+    path = hub.resolve_pretrained(config.reward_model_name_or_path,
+                                  field="reward_model_name_or_path")
+    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    model = reward.from_pretrained(path, mesh=mesh, dtype=dtype, where=where)
+    return model, reward.load_tokenizer(path, where)
+
+
+def score_answers(config, model, tokenizer, mesh, items: list[tuple[list, str]]) -> list[float]:
+    """Scores of (prompt messages, answer) items; each distinct item is scored once, so the same
+    answer to the same prompt always gets the same score."""
+    keys = [json.dumps([m, a], ensure_ascii=False) for m, a in items]
+    unique = list(dict.fromkeys(keys))
+    first = {k: items[keys.index(k)] for k in unique}
+    ids = [reward.conversation_ids(tokenizer, *first[k]) for k in unique]
+    dp = sharding_lib.data_parallel_size(mesh)
+    scores = reward.score_ids(model, ids, batch_size=config.reward_per_device_batch_size * dp,
+                              mesh=mesh)
+    by_key = dict(zip(unique, scores.tolist()))
+    return [by_key[k] for k in keys]
+
+
+def score_shards(config, mesh) -> None:
+    """Scores every generated shard that has no scores shard yet."""
+    out_dir = output_dir(config)
+    _check_manifest(os.path.join(out_dir, SCORES_MANIFEST),
+                    {"reward_model": config.reward_model_name_or_path, "bf16": bool(config.bf16)},
+                    "scores")
+    generated = read_shards(out_dir, "generations")
+    todo = [k for k in range(len(generated)) if not os.path.exists(shard_path(out_dir, "scores", k))]
+    if not todo:
+        return
+    model, tokenizer = load_reward_model(config, mesh)
+    for k in todo:
+        start = time.time()
+        items = [(r["messages"], a) for r in generated[k] for a in r["responses"]]
+        scores = score_answers(config, model, tokenizer, mesh, items)
+        n = config.generation_num_samples
+        rows = [{"prompt_id": r["prompt_id"], "scores": scores[i * n:(i + 1) * n]}
+                for i, r in enumerate(generated[k])]
+        if jax.process_index() == 0:
+            pairs_lib.write_jsonl(shard_path(out_dir, "scores", k), rows)
+        _say(f"score: shard {k + 1}/{len(generated)}, {len(items)} answers in "
+             f"{time.time() - start:.1f}s")
+
+
+def write_pairs(config, tokenizer) -> dict:
+    """train.jsonl, test.jsonl and the report from the scored shards."""
+    out_dir = output_dir(config)
+    records = []
+    for gen, scores in zip(read_shards(out_dir, "generations"), read_shards(out_dir, "scores")):
+        for g, s in zip(gen, scores):
+            assert g["prompt_id"] == s["prompt_id"], (g["prompt_id"], s["prompt_id"])
+            records.append({**g, "scores": s["scores"]})
+    rows, dropped = pairs_lib.make_rows(records)
+    train, test = pairs_lib.split(rows, config.generation_test_fraction, config.seed)
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+    rep = pairs_lib.report(records, rows, dropped, train, test, count)
+    rep["unfinished_answers"] = sum(not f for r in records for f in r["finished"])
+    rep["truncated_prompts"] = sum(bool(r["prompt_truncated"]) for r in records)
+    if jax.process_index() == 0:
+        pairs_lib.write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
+        pairs_lib.write_jsonl(os.path.join(out_dir, "test.jsonl"), test)
+        with open(os.path.join(out_dir, REPORT), "w") as f:
+            json.dump(rep, f, indent=2)
+    _say(pairs_lib.format_report(rep) + f"\nwritten: {out_dir}/train.jsonl, test.jsonl, {REPORT}; "
+         f"train on them with --config.dataset_mixer='{{\"{out_dir}\": 1.0}}'")
+    return rep
+
+
+def generate(config) -> dict:
+    """--mode=generate: sample (resumable), then score and pair when a reward model is set."""
+    model, tokenizer, mesh, source = load_policy(config)
+    prompts = prompts_lib.load(config, "train")
+    if not prompts:
+        raise UserError(f"No prompts in the training split of dataset_mixer "
+                        f"{dict(config.dataset_mixer)}: rows need a prompt, instruction, or "
+                        "chosen/messages turns.")
+    start = time.time()
+    out_dir = sample_shards(config, model, tokenizer, mesh, prompts, source)
+    _say(f"generate: done in {time.time() - start:.1f}s")
+    del model
+    if not config.reward_model_name_or_path:
+        _say(f"Answers in {out_dir}/shards; set config.reward_model_name_or_path and rerun to "
+             "score them and write preference pairs.")
+        return {"output_dir": out_dir}
+    score_shards(config, mesh)
+    return write_pairs(config, tokenizer)

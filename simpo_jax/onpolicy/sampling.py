@@ -1,0 +1,150 @@
+"""Temperature / top-p sampling with a KV cache in one jitted loop, one PRNG stream per row.
+
+The filters follow transformers' logits warpers in their order (TemperatureLogitsWarper, then
+TopPLogitsWarper), which is also vLLM's order. Every row carries its own key, folded with the
+step, so a row's answer depends only on its key and prompt, never on the batch it ran in: a
+generation resumed from its shards, or regrouped, draws the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+NEG_INF = -jnp.inf
+
+
+def top_p_filter(logits_BV, top_p: float):
+    """Logits with the tokens outside the nucleus set to -inf, as transformers' TopPLogitsWarper.
+
+    Sorted ascending, a token is removed while the cumulative probability up to and including it
+    is <= 1 - top_p; the most probable token always stays (min_tokens_to_keep=1).
+    """
+    if top_p >= 1.0:
+        return logits_BV
+    order = jnp.argsort(logits_BV, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits_BV, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cumulative <= (1.0 - top_p)
+    remove_sorted = remove_sorted.at[..., -1].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[
+        jnp.arange(logits_BV.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, NEG_INF, logits_BV)
+
+
+def warp(logits_BV, temperature: float, top_p: float):
+    """Float32 logits after temperature and top-p, ready for a categorical draw."""
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    return top_p_filter(logits_BV, top_p)
+
+
+def next_tokens(logits_BV, keys_B, step, *, temperature: float, top_p: float):
+    """One token per row: argmax at temperature 0, else a draw from the warped distribution."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    warped = warp(logits_BV, temperature, top_p)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+    return jax.vmap(jax.random.categorical)(step_keys, warped).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id",
+                                             "pad_token_id", "temperature", "top_p"))
+def _sample(state, ids_BT, mask_BT, keys_B, *, graphdef, max_new_tokens, eos_token_id,
+            pad_token_id, temperature, top_p):
+    """(new tokens [B, N] padded with pad_token_id after EOS, number of new tokens per row [B])."""
+    model = nnx.merge(graphdef, state)
+    b, t = ids_BT.shape
+    s = t + max_new_tokens
+    positions = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
+    key_valid = jnp.zeros((b, s), bool).at[:, :t].set(mask_BT.astype(bool))
+    key_positions = jnp.zeros((b, s), jnp.int32).at[:, :t].set(positions)
+    logits, cache = model.forward_cached(ids_BT, positions, model.init_cache(b, s), 0, key_valid,
+                                         key_positions)
+    pick = functools.partial(next_tokens, temperature=temperature, top_p=top_p)
+    token = pick(logits[:, -1], keys_B, 0)
+    out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    lengths = jnp.zeros((b,), jnp.int32)
+
+    def cond(carry):
+        i, done = carry[0], carry[7]
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, token, pos, key_valid, key_positions, out, done, lengths = carry
+        out = out.at[:, i].set(jnp.where(done, pad_token_id, token))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | (token == eos_token_id)
+        pos = pos + 1
+        slot = t + i
+        key_valid = key_valid.at[:, slot].set(True)
+        key_positions = key_positions.at[:, slot].set(pos)
+        logits, cache = model.forward_cached(token[:, None], pos[:, None], cache, slot, key_valid,
+                                             key_positions)
+        token = pick(logits[:, -1], keys_B, i + 1)
+        return i + 1, cache, token, pos, key_valid, key_positions, out, done, lengths
+
+    carry = (jnp.int32(0), cache, token, positions[:, -1], key_valid, key_positions, out, done,
+             lengths)
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry[6], carry[8]
+
+
+def row_keys(seeds, salts) -> np.ndarray:
+    """Per-row PRNG keys [B, 2] (uint32): PRNGKey(seed) folded with a per-row salt (a prompt id)."""
+    seeds = jnp.asarray(np.asarray(seeds, np.int64) & 0x7FFFFFFF, jnp.uint32)
+    salts = jnp.asarray(np.asarray(salts, np.int64) & 0x7FFFFFFF, jnp.uint32)
+    return np.asarray(jax.vmap(lambda s, x: jax.random.fold_in(jax.random.PRNGKey(s), x))(
+        seeds, salts))
+
+
+def left_pad(sequences, pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> left-padded ids [B, length] and attention mask [B, length]."""
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for i, s in enumerate(sequences):
+        ids[i, length - len(s):] = s
+        mask[i, length - len(s):] = 1
+    return ids, mask
+
+
+def sample(model, prompts, keys, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+           temperature: float, top_p: float, mesh=None, prompt_length: int | None = None,
+           batch_rows: int | None = None) -> list[list[int]]:
+    """New tokens per prompt (EOS kept when drawn, nothing after it), one PRNG key per prompt.
+
+    prompt_length pads every prompt to that many tokens (fewer compiled shapes); batch_rows pads
+    the batch with dummy rows to that many (a multiple of the mesh's data-parallel size).
+    With a mesh, rows are split over data x fsdp and the parameters keep their shardings.
+    """
+    n = len(prompts)
+    length = prompt_length or max(len(p) for p in prompts)
+    rows = batch_rows or n
+    if mesh is not None:
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = -(-rows // dp) * dp
+    prompts = list(prompts) + [prompts[0]] * (rows - n)
+    keys = np.concatenate([np.asarray(keys, np.uint32),
+                           np.repeat(np.asarray(keys[:1], np.uint32), rows - n, axis=0)])
+    ids, mask = left_pad(prompts, pad_token_id, length)
+    graphdef, state = nnx.split(model)
+    arrays = (ids, mask, keys)
+    if mesh is not None:
+        from simpo_jax import sharding as sharding_lib
+
+        arrays = tuple(jax.make_array_from_callback(
+            a.shape, sharding_lib.batch_sharding(mesh, a.ndim), lambda idx, a=a: a[idx])
+            for a in arrays)
+    out, lengths = _sample(state, *arrays, graphdef=graphdef, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           temperature=float(temperature), top_p=float(top_p))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        out, lengths = (multihost_utils.process_allgather(x, tiled=True) for x in (out, lengths))
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    return [list(map(int, out[i, :lengths[i]])) for i in range(n)]

@@ -1,0 +1,343 @@
+"""On-policy data and reward models, against transformers (reward scores, top-p, greedy) and
+against the distribution sampling should draw from (chi-square)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy import stats
+
+from configs import tiny
+from simpo_jax import cli, models
+from simpo_jax import sharding as sharding_lib
+from simpo_jax.config import UserError
+from simpo_jax.data import formats
+from simpo_jax.models import generate as greedy_lib
+from simpo_jax.onpolicy import generate as generate_lib
+from simpo_jax.onpolicy import pairs as pairs_lib
+from simpo_jax.onpolicy import reward, rm_eval, sampling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+
+
+def mesh():
+    return sharding_lib.make_mesh(sharding_lib.MeshConfig())
+
+
+# --- Reward models ---------------------------------------------------------------------------
+
+def hf_reward_model(folder, family, **overrides):
+    torch.manual_seed(0)
+    common = dict(COMMON, num_labels=1, **overrides)
+    if family == "llama":
+        model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**common))
+    elif family == "qwen2":
+        model = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.Gemma2ForSequenceClassification(transformers.Gemma2Config(
+            head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0, query_pre_attn_scalar=16, **common))
+    with torch.no_grad():  # larger scores, so a wrong token or position shows
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def hf_padded(seqs, side):
+    t = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), t), dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        where = slice(0, len(s)) if side == "right" else slice(t - len(s), t)
+        ids[i, where], mask[i, where] = torch.tensor(s), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_reward_scores_match_transformers(tmp_path, family):
+    hf = hf_reward_model(tmp_path, family)
+    rng = np.random.default_rng(0)
+    seqs = [list(map(int, rng.integers(3, 97, n))) for n in (5, 11, 3, 8, 13, 9)]
+    ours = reward.from_pretrained(str(tmp_path), mesh=mesh())
+    for side in ("right", "left"):
+        ids, mask = hf_padded(seqs, side)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask).logits[:, 0].numpy()
+        got = reward.score_ids(ours, seqs, batch_size=4, mesh=mesh(), pad_side=side)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    assert np.ptp(ref) > 0.1  # scores that differ, so a wrong row or token would show
+
+
+def test_reward_score_read_at_last_non_pad_token(tmp_path):
+    """A trailing pad-id token is skipped, as transformers does, on both padding sides."""
+    hf = hf_reward_model(tmp_path, "llama")
+    seqs = [[5, 6, 7, 0], [9, 8, 7, 6, 5]]  # 0 is pad_token_id
+    ours = reward.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        ref = [hf(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]
+    for side in ("right", "left"):
+        np.testing.assert_allclose(reward.score_ids(ours, seqs, batch_size=2, pad_side=side),
+                                   ref, atol=1e-4)
+
+
+def test_custom_code_reward_model_refused(tmp_path):
+    config = dict(COMMON, model_type="llama", architectures=["LlamaForRewardModelWithGating"],
+                  auto_map={"AutoModelForSequenceClassification": "modeling_custom.Gated"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="custom code.*Skywork"):
+        reward.from_pretrained(str(tmp_path), where="ArmoRM")
+    config.pop("auto_map")
+    config["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="LlamaForCausalLM"):
+        reward.from_pretrained(str(tmp_path))
+
+
+# --- Sampling --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.95, 0.999])
+def test_top_p_keeps_what_transformers_keeps(top_p):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(16, 50)).astype(np.float32) * 3
+    ref = transformers.TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy()
+    got = np.asarray(sampling.top_p_filter(jnp.asarray(logits), top_p))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+    np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
+    kept = np.isfinite(got).sum(-1)
+    assert kept.min() >= 1 and (kept < 50).all()
+
+
+def expected_probs(logits, temperature, top_p):
+    """softmax(logits / T) restricted to the nucleus, computed in numpy (not by our code)."""
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, bool)
+    mass = 0.0
+    for i in order:  # smallest set of most probable tokens whose mass reaches top_p
+        keep[i] = True
+        mass += p[i]
+        if mass >= top_p:
+            break
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+def draw(logits, temperature, top_p, n):
+    keys = jnp.asarray(sampling.row_keys(np.full(n, 7), np.arange(n)))
+    tokens = jax.jit(lambda k: sampling.next_tokens(
+        jnp.broadcast_to(jnp.asarray(logits), (n, len(logits))), k, 3,
+        temperature=temperature, top_p=top_p))(keys)
+    return np.bincount(np.asarray(tokens), minlength=len(logits))
+
+
+def chi_square_p(counts, probs):
+    """p-value of the counts under `probs`; 0 when a token outside its nucleus was drawn."""
+    keep = probs > 0
+    if counts[~keep].sum():
+        return 0.0
+    return stats.chisquare(counts[keep], probs[keep] * counts.sum()).pvalue
+
+
+def test_sampled_token_distribution_matches_softmax_over_temperature():
+    logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
+    n = 40_000
+    counts = draw(logits, 0.8, 0.95, n)
+    assert chi_square_p(counts, expected_probs(logits, 0.8, 0.95)) > 1e-3
+    # The test has the power to see a wrong temperature or no top-p.
+    assert chi_square_p(counts, expected_probs(logits, 1.0, 0.95)) < 1e-6
+    assert chi_square_p(counts, expected_probs(logits, 0.6, 0.95)) < 1e-6
+    assert expected_probs(logits, 0.8, 1.0)[-1] > 0 and counts[-1] == 0
+
+
+def hf_causal(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(tmp_path / "policy")
+    return models.from_pretrained(str(tmp_path / "policy"), mesh=mesh())
+
+
+PROMPTS = [[1, 5, 17, 33, 8, 9, 41], [1, 60, 7], [1, 11, 12, 13, 14], [1, 70, 71, 72]]
+
+
+def test_low_temperature_sampling_equals_greedy(tmp_path):
+    model = hf_causal(tmp_path)
+    greedy = greedy_lib.greedy_generate(model, PROMPTS, max_new_tokens=10, eos_token_id=2,
+                                        pad_token_id=0)
+    keys = sampling.row_keys([13, 21, 42, 79], range(4))
+    got = sampling.sample(model, PROMPTS, keys, max_new_tokens=10, eos_token_id=2, pad_token_id=0,
+                          temperature=1e-5, top_p=0.95, mesh=mesh(), prompt_length=16)
+    for row, ref in zip(got, greedy):
+        ref = list(map(int, ref))
+        ref = ref[:ref.index(2) + 1] if 2 in ref else ref
+        assert row == ref
+    assert len({tuple(r) for r in got}) > 1
+
+
+def test_fixed_seeds_reproduce_samples(tmp_path):
+    model = hf_causal(tmp_path)
+    run = lambda seeds, rows=None: sampling.sample(
+        model, PROMPTS, sampling.row_keys(seeds, range(4)), max_new_tokens=12, eos_token_id=2,
+        pad_token_id=0, temperature=1.0, top_p=0.95, mesh=mesh(), batch_rows=rows)
+    first = run([13, 21, 42, 79])
+    assert run([13, 21, 42, 79]) == first
+    assert run([13, 21, 42, 79], rows=16) == first  # another batch shape, the same draws
+    assert run([14, 22, 43, 80]) != first
+
+
+# --- Pairs -----------------------------------------------------------------------------------
+
+def record(pid, responses, scores):
+    return {"prompt_id": pid, "prompt": f"q{pid}", "responses": responses, "scores": scores,
+            "messages": [{"role": "user", "content": f"q{pid}"}]}
+
+
+def test_identical_and_tied_prompts_dropped_and_counted():
+    records = [record("a", ["x", "y", "z"], [0.1, 0.9, -0.5]),
+               record("b", ["same", "same", "same"], [0.3, 0.3, 0.3]),
+               record("c", ["u", "v", "w"], [0.2, 0.2, 0.2]),
+               record("d", ["p", "q"], [1.0, 0.0]),
+               record("e", ["", "r"], [1.0, 0.0])]
+    rows, dropped = pairs_lib.make_rows(records)
+    assert dropped == {"all_identical": 1, "tied": 1, "empty_answer": 1}
+    assert [r["prompt_id"] for r in rows] == ["a", "d"]
+    a = rows[0]
+    assert a["chosen"][-1] == {"role": "assistant", "content": "y"}
+    assert a["rejected"][-1] == {"role": "assistant", "content": "z"}
+    assert a["chosen"][:-1] == [{"role": "user", "content": "qa"}]
+    assert a["all_generated_responses"] == ["x", "y", "z"] and a["all_rm_scores"] == [0.1, 0.9, -0.5]
+    assert formats.detect_format(rows, "auto") == "ultrafeedback"
+    assert formats.normalise(a, "ultrafeedback")["chosen"] == "y"
+    train, test = pairs_lib.split(rows, 0.5, seed=0)
+    assert len(train) == len(test) == 1
+    rep = pairs_lib.report(records, rows, dropped, train, test, len)
+    assert rep["prompts_in"] == 5 and rep["pairs"] == 2 and rep["dropped"]["tied"] == 1
+    assert rep["scores"]["margin"]["mean"] == pytest.approx((1.4 + 1.0) / 2)
+
+
+# --- The modes on the tiny model -------------------------------------------------------------
+
+def tiny_reward_model(folder):
+    """A random tiny Llama reward model with the tiny SFT model's tokenizer and chat template."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(ROOT, "assets/tiny_sft"))
+    torch.manual_seed(1)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_config(tmp_path, rm_path, prompts=12):
+    c = tiny.get_config()
+    c.dataset_mixer = {os.path.join(ROOT, "assets/tiny_prefs_onpolicy"): prompts}
+    c.output_dir = str(tmp_path / "run")
+    c.generation_num_samples = 3
+    c.generation_seeds = (13, 21, 42)
+    c.generation_temperature = 1.0
+    c.generation_max_new_tokens = 8
+    c.generation_per_device_batch_size = 2
+    c.generation_shard_prompts = 4
+    c.generation_test_fraction = 0.25
+    c.reward_model_name_or_path = rm_path
+    c.reward_per_device_batch_size = 2
+    return c
+
+
+def folder_contents(folder):
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def test_interrupted_generation_resumes_to_the_same_files(tmp_path, monkeypatch):
+    rm_path = tiny_reward_model(tmp_path / "rm")
+    whole = tiny_config(tmp_path / "whole", rm_path)
+    rep = cli.main(whole, "generate")
+    assert rep["prompts_in"] == 12 and rep["pairs"] + sum(rep["dropped"].values()) == 12
+    assert rep["pairs"] >= 6 and rep["test"] >= 1
+
+    cut = tiny_config(tmp_path / "cut", rm_path)
+    real, calls = generate_lib.sample_answers, []
+
+    def stop_after_two_shards(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("preempted")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_lib, "sample_answers", stop_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(cut, "generate")
+    out = generate_lib.output_dir(cut)
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == [
+        "generations-00000.jsonl", "generations-00001.jsonl"]
+    monkeypatch.setattr(generate_lib, "sample_answers", real)
+    cli.main(cut, "generate")
+    assert folder_contents(out) == folder_contents(generate_lib.output_dir(whole))
+
+    rows = formats.read_file(os.path.join(out, "train.jsonl"))
+    assert all(len(r["all_generated_responses"]) == 3 for r in rows)
+    assert all(r["score_chosen"] == max(r["all_rm_scores"]) > r["score_rejected"] ==
+               min(r["all_rm_scores"]) for r in rows)
+
+    changed = tiny_config(tmp_path / "cut", rm_path)
+    changed.generation_temperature = 0.5
+    with pytest.raises(SystemExit):  # a UserError: shards of other settings are never mixed
+        cli.main(changed, "generate")
+
+
+def test_rm_eval_win_rate():
+    summary = rm_eval.win_rate([1.0, 2.0, 0.0, 5.0], [0.0, 2.0, 1.0, 4.0])
+    assert (summary["wins"], summary["ties"], summary["losses"]) == (2, 1, 1)
+    assert summary["win_rate"] == pytest.approx(0.625)
+    lo, hi = summary["ci95"]
+    assert lo < 0.625 < hi
+
+
+@pytest.mark.slow
+def test_generate_pairs_train_rm_eval_end_to_end(tmp_path):
+    rm_path = tiny_reward_model(tmp_path / "rm")
+    config = tiny_config(tmp_path, rm_path, prompts=48)
+    config.generation_shard_prompts = 16
+    config.generation_test_fraction = 0.2
+    rep = cli.main(config, "generate")
+    assert rep["pairs"] >= 24
+    config.dataset_mixer = {generate_lib.output_dir(config): 1.0}
+    config.max_steps = 6
+    config.per_device_train_batch_size = 2
+    config.per_device_eval_batch_size = 2
+    config.eval_steps = config.save_steps = 6
+    config.num_samples = 2
+    final = cli.main(config, "train")
+    assert np.isfinite(final["loss"])
+    config.rm_eval_num_prompts = 8
+    summary = cli.main(config, "rm_eval")
+    assert summary["num_prompts"] == min(8, rep["test"])
+    assert summary["wins"] + summary["ties"] + summary["losses"] == summary["num_prompts"]
+    assert summary["policy"].startswith("checkpoint") and summary["baseline"] == "assets/tiny_sft"
+    for name in ("rm_eval.json", "rm_eval_answers.jsonl", "rm_eval.png"):
+        assert os.path.exists(os.path.join(config.output_dir, name))
