@@ -48,6 +48,16 @@ IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
     ("gemma2", dict(head_dim=8, sliding_window=4)),
     ("qwen3", dict(tie_word_embeddings=True, head_dim=16)),
     ("olmo2", dict(attention_bias=True, eos_token_id=2)),
+    ("gemma3_text", dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                         layer_types=["full_attention", "sliding_attention"],
+                         rope_parameters={"sliding_attention": dict(rope_theta=10.0),
+                                          "full_attention": dict(rope_type="linear",
+                                                                 rope_theta=100.0, factor=8.0)})),
+    # fused qkv_proj and gate_up_proj: split on import, concatenated again on export
+    ("phi3", dict(pad_token_id=0, eos_token_id=2, bos_token_id=1, original_max_position_embeddings=4,
+                  rope_parameters=dict(rope_type="longrope", rope_theta=100.0,
+                                       partial_rotary_factor=0.75, short_factor=[1.0, 1.5, 2.0],
+                                       long_factor=[2.0, 4.0, 8.0]))),
 ])
 def test_round_trip_float32_is_bitwise(tmp_path, model_type, overrides):
     src = make_hf(tmp_path / "src", model_type, **overrides)
@@ -109,7 +119,8 @@ def test_bfloat16_export_loads_in_transformers(tmp_path):
 def test_unsupported_model_type(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"model_type": "gpt2"}, f)
-    with pytest.raises(ValueError, match=r"'gpt2'.*gemma2, llama, mistral, olmo2, qwen2, qwen3\."):
+    with pytest.raises(ValueError, match=r"'gpt2'.*gemma2, gemma3, gemma3_text, llama, mistral, "
+                                         r"olmo2, phi3, qwen2, qwen3\."):
         models.from_pretrained(str(tmp_path))
 
 

@@ -20,6 +20,16 @@ T = 12
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
 
+GEMMA3_TEXT = dict(
+    head_dim=16, query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=2.0,
+    final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"],
+    rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10.0),
+                     "full_attention": dict(rope_type="linear", rope_theta=100.0, factor=8.0)})
+PHI3 = dict(pad_token_id=0, eos_token_id=2, bos_token_id=1)  # Phi's defaults (32000) are > vocab
+PHI3_LONGROPE = dict(rope_type="longrope", rope_theta=100.0, partial_rotary_factor=0.75,
+                     short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+                     long_factor=[1.0, 1.5, 2.5, 4.0, 7.0, 12.0])
+
 VARIANTS = {
     "llama_untied": ("llama", dict(tie_word_embeddings=False)),
     "llama_tied": ("llama", dict(tie_word_embeddings=True)),
@@ -44,6 +54,20 @@ VARIANTS = {
     "olmo2": ("olmo2", dict(rms_norm_eps=1e-6, eos_token_id=2)),
     "olmo2_bias_mha": ("olmo2", dict(attention_bias=True, num_attention_heads=8,
                                      num_key_value_heads=8, eos_token_id=2)),
+    # per-head (1 + w) q/k norm, sandwich norms, a RoPE table per layer type (local base on the
+    # sliding layer, linear scaling on the full one; small bases so they differ within 12
+    # positions); transformers' Gemma 3 ignores attn_logit_softcapping, Gemma3ForCausalLM
+    # applies final_logit_softcapping
+    "gemma3_text": ("gemma3_text", GEMMA3_TEXT),
+    # fused qkv_proj / gate_up_proj in the checkpoint, a window on every layer
+    "phi3_window": ("phi3", dict(PHI3, sliding_window=5)),
+    # partial rotary (12 of 16 dims) and longrope: positions stay within original_max (short
+    # factors) or pass it (long factors: the batch's largest position + 1 = 12 > 8); both scale
+    # cos/sin by sqrt(1 + ln(128 / original) / ln(original))
+    "phi3_partial_longrope_short": ("phi3", dict(PHI3, original_max_position_embeddings=64,
+                                                 rope_parameters=PHI3_LONGROPE)),
+    "phi3_partial_longrope_long": ("phi3", dict(PHI3, original_max_position_embeddings=8,
+                                                rope_parameters=PHI3_LONGROPE)),
 }
 
 
@@ -159,7 +183,8 @@ def test_from_config_dict_defaults_and_init():
     np.testing.assert_array_equal(np.asarray(model.model.layers.input_layernorm.weight[...]), 1.0)
     assert model.hf_config_dict["model_type"] == "llama"
     assert model.arch.num_layers == 2 and model.arch.head_dim == 8
-    with pytest.raises(ValueError, match="gpt2.*supported model types: gemma2, llama"):
+    with pytest.raises(ValueError, match="gpt2.*supported model types: gemma2, gemma3, "
+                                         "gemma3_text, llama"):
         models.from_config(dict(model_type="gpt2"))
 
 

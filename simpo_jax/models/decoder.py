@@ -7,7 +7,8 @@ Where the norms sit (norm_layout), per decoder layer:
 
 Axis legend as in layers.py. Decoder layers are stored stacked (leading axis L) and applied with
 jax.lax.scan, so compile time does not grow with depth; the per-layer sliding window is a
-scanned input, so alternating local/global layers (gemma2) share one scanned block.
+scanned input, so alternating local/global layers (gemma2) share one scanned block; so is the
+index of the layer's RoPE table (gemma3's local layers have their own base).
 Parameter paths mirror Hugging Face keys: `model.layers.self_attn.q_proj.weight` [L, H*E, D] is
 HF `model.layers.{i}.self_attn.q_proj.weight` stacked over i.
 """
@@ -19,7 +20,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from simpo_jax.models import layers as L
@@ -42,7 +42,8 @@ class ArchConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    inv_freq: tuple[float, ...]  # RoPE inverse frequencies [E/2], scaling already applied
+    inv_freq: tuple[float, ...]  # RoPE inverse frequencies [R/2], scaling already applied; R < E
+    #                              rotates the first R dims of a head only (phi3 partial rotary)
     sliding_windows: tuple[int, ...]  # per layer; layers.NO_WINDOW for global attention
     hidden_act: str = "silu"
     qkv_bias: bool = False
@@ -58,6 +59,15 @@ class ArchConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     initializer_range: float = 0.02
+    # RoPE beyond one table. layer_rope: per layer 0 (inv_freq) or 1 (local_inv_freq), gemma3's
+    # sliding layers with their own base. long_inv_freq: longrope's long factors, used instead of
+    # inv_freq when the largest position + 1 of a forward pass exceeds long_rope_after
+    # (transformers' rule, phi3). rope_scale multiplies cos and sin (longrope's attention factor).
+    local_inv_freq: tuple[float, ...] | None = None
+    layer_rope: tuple[int, ...] | None = None
+    long_inv_freq: tuple[float, ...] | None = None
+    long_rope_after: int = 0
+    rope_scale: float = 1.0
     attention_impl: str = "auto"  # auto | xla | cudnn (layers.select_attention); not in config.json
 
     def __post_init__(self):
@@ -65,6 +75,10 @@ class ArchConfig:
             raise ValueError(f"norm_layout={self.norm_layout!r}; valid: {', '.join(NORM_LAYOUTS)}.")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm={self.qk_norm!r}; valid: {QK_NORMS}.")
+        if self.layer_rope is not None and (len(self.layer_rope) != self.num_layers or (
+                max(self.layer_rope) > 0 and self.local_inv_freq is None)):
+            raise ValueError(f"layer_rope={self.layer_rope} needs one entry per layer and "
+                             "local_inv_freq for entries 1.")
 
 
 class Attention(nnx.Module):
@@ -180,7 +194,8 @@ class CausalLM(nnx.Module):
     """Decoder plus LM head (or the tied embedding). Call: logits [B, T, V] in float32."""
 
     def __init__(self, arch: ArchConfig, hf_config_dict: dict, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, seed: int = 0, remat_policy: str = "none"):
+                 param_dtype=jnp.float32, seed: int = 0, remat_policy: str = "none",
+                 source: str = ""):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}.")
         rngs = nnx.Rngs(seed)
@@ -192,6 +207,9 @@ class CausalLM(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.remat_policy = remat_policy
         self._hf_config_json = json.dumps(hf_config_dict, sort_keys=True)
+        # The checkpoint folder loaded from: export copies the tensors we do not train (a
+        # multimodal checkpoint's vision tower) from there.
+        self.source = source
 
     @property
     def hf_config_dict(self) -> dict:
@@ -218,8 +236,7 @@ class CausalLM(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
         positions = jnp.asarray(positions)
         mask_BTS = L.base_mask(attention_mask, segment_ids, branch_ids)
-        cos, sin = L.rope_cos_sin(positions, np.asarray(a.inv_freq, np.float32),
-                                  self.dtype)
+        cos, sin, rope_index = self._rope(positions)
 
         x = self.model.embed_tokens(input_ids)
         if a.scale_embeddings:
@@ -228,13 +245,30 @@ class CausalLM(nnx.Module):
         graphdef, stacked = nnx.split(self.model.layers)
 
         def body(x_BTD, xs):
-            layer_state, window = xs
+            layer_state, window, r = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x_BTD, cos, sin, mask_BTS & L.window_mask(positions, window)), None
+            return layer(x_BTD, cos[r], sin[r], mask_BTS & L.window_mask(positions, window)), None
 
         windows = jnp.asarray(a.sliding_windows, jnp.int32)
-        x, _ = jax.lax.scan(_remat(body, self.remat_policy), x, (stacked, windows))
+        x, _ = jax.lax.scan(_remat(body, self.remat_policy), x, (stacked, windows, rope_index))
         return self.model.norm(x)
+
+    def _rope(self, positions_BT):
+        """cos, sin [N, B, T, R] of the N RoPE tables and each layer's table index [L].
+
+        The table is chosen per layer like the sliding window: a scanned input of the layer loop.
+        """
+        a = self.arch
+        inv_freq = jnp.asarray(a.inv_freq, jnp.float32)
+        if a.long_inv_freq is not None:  # transformers: max(position_ids) + 1 > original max
+            long = jnp.max(positions_BT) + 1 > a.long_rope_after
+            inv_freq = jnp.where(long, jnp.asarray(a.long_inv_freq, jnp.float32), inv_freq)
+        tables = [inv_freq]
+        if a.local_inv_freq is not None:
+            tables.append(jnp.asarray(a.local_inv_freq, jnp.float32))
+        cos_sin = [L.rope_cos_sin(positions_BT, t, self.dtype, a.rope_scale) for t in tables]
+        index = jnp.asarray(a.layer_rope or (0,) * a.num_layers, jnp.int32)
+        return (jnp.stack([c for c, _ in cos_sin]), jnp.stack([s for _, s in cos_sin]), index)
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty KV cache: k, v [L, B, S, K, E] in the compute dtype."""
@@ -253,22 +287,22 @@ class CausalLM(nnx.Module):
         t, s = input_ids_BT.shape[1], key_valid_BS.shape[1]
         q_slots = index + jnp.arange(t)
         mask_BTS = (jnp.arange(s)[None, None, :] <= q_slots[None, :, None]) & key_valid_BS[:, None, :]
-        cos, sin = L.rope_cos_sin(positions_BT, np.asarray(a.inv_freq, np.float32), self.dtype)
+        cos, sin, rope_index = self._rope(positions_BT)
         x = self.model.embed_tokens(input_ids_BT)
         if a.scale_embeddings:
             x = x * jnp.asarray(a.hidden_size ** 0.5, self.dtype)
         graphdef, stacked = nnx.split(self.model.layers)
 
         def body(x_BTD, xs):
-            layer_state, window, k_cache, v_cache = xs
+            layer_state, window, r, k_cache, v_cache = xs
             layer = nnx.merge(graphdef, layer_state)
             in_window = (positions_BT[:, :, None] - key_positions_BS[:, None, :]) < window
-            x_BTD, (k_cache, v_cache) = layer(x_BTD, cos, sin, mask_BTS & in_window,
+            x_BTD, (k_cache, v_cache) = layer(x_BTD, cos[r], sin[r], mask_BTS & in_window,
                                               (k_cache, v_cache, index))
             return x_BTD, (k_cache, v_cache)
 
         windows = jnp.asarray(a.sliding_windows, jnp.int32)
-        x, (k, v) = jax.lax.scan(body, x, (stacked, windows, cache["k"], cache["v"]))
+        x, (k, v) = jax.lax.scan(body, x, (stacked, windows, rope_index, cache["k"], cache["v"]))
         return self.logits_from_hidden(self.model.norm(x)), {"k": k, "v": v}
 
     def logits_from_hidden(self, h):

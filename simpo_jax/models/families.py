@@ -17,7 +17,13 @@ ARCHITECTURES = {  # model_type -> transformers class written to config.json "ar
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "phi3": "Phi3ForCausalLM",
 }
+# Multimodal model types: we train the language model (this sub-config) only; export writes the
+# other towers back unchanged and config.json as it came (models.save_pretrained).
+MULTIMODAL = {"gemma3": "text_config"}
 
 
 def normalize(hf_config: Any) -> transformers.PretrainedConfig:
@@ -51,6 +57,17 @@ def _rope(config) -> dict:
     return rope
 
 
+def _rope_fields(config, head_dim: int, rope: dict) -> dict:
+    """ArchConfig RoPE fields of one table; longrope adds its long table, switch and scale."""
+    fields = dict(inv_freq=tuple(float(x) for x in L.rope_inv_freq(head_dim, rope)))
+    if rope.get("rope_type") == "longrope":
+        fields.update(
+            long_inv_freq=tuple(float(x) for x in L.rope_inv_freq(head_dim, rope, long=True)),
+            long_rope_after=int(rope["original_max_position_embeddings"]),
+            rope_scale=L.rope_scale(rope, config.max_position_embeddings))
+    return fields
+
+
 def _windows(config, layer_types) -> tuple[int, ...]:
     window = getattr(config, "sliding_window", None)
     n = config.num_hidden_layers
@@ -64,6 +81,12 @@ def _windows(config, layer_types) -> tuple[int, ...]:
 
 def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
     """The ArchConfig of a normalised transformers config."""
+    if config.model_type in MULTIMODAL:
+        # the outer config's tie_word_embeddings decides (transformers ties lm_head by it)
+        return _gemma3(getattr(config, MULTIMODAL[config.model_type]), config.model_type,
+                       bool(config.tie_word_embeddings))
+    if config.model_type == "gemma3_text":
+        return _gemma3(config, config.model_type, bool(config.tie_word_embeddings))
     c = config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     common = dict(
@@ -72,7 +95,7 @@ def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
         num_heads=c.num_attention_heads,
         num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
         head_dim=head_dim, rms_norm_eps=float(c.rms_norm_eps),
-        inv_freq=tuple(float(x) for x in L.rope_inv_freq(head_dim, _rope(c))),
+        **_rope_fields(c, head_dim, _rope(c)),
         tie_word_embeddings=bool(c.tie_word_embeddings),
         initializer_range=float(c.initializer_range))
     if c.model_type == "llama":
@@ -94,6 +117,8 @@ def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
         return ArchConfig(**common, hidden_act=c.hidden_act, qkv_bias=bias, o_bias=bias,
                           qk_norm="projection", norm_kind="olmo2", norm_layout="post",
                           sliding_windows=(L.NO_WINDOW,) * c.num_hidden_layers)
+    if c.model_type == "phi3":  # fused qkv / gate_up in the checkpoint (hf.FUSED)
+        return ArchConfig(**common, hidden_act=c.hidden_act, sliding_windows=_windows(c, None))
     if c.model_type == "gemma2":
         if getattr(c, "use_bidirectional_attention", None):
             raise ValueError("gemma2 use_bidirectional_attention=True is not supported; the "
@@ -107,3 +132,36 @@ def arch_config(config: transformers.PretrainedConfig) -> ArchConfig:
                           attn_softcap=c.attn_logit_softcapping,
                           final_softcap=c.final_logit_softcapping)
     raise AssertionError(c.model_type)
+
+
+def _gemma3(c, model_type: str, tie_word_embeddings: bool) -> ArchConfig:
+    """Gemma 3's language model: Gemma 2's sandwich norms and embedding scale, per-head q/k norm
+    instead of attention soft-capping, and per layer type its own RoPE (local base on sliding
+    layers, linear scaling on global ones in the 4B-27B checkpoints)."""
+    if getattr(c, "use_bidirectional_attention", None):
+        raise ValueError("gemma3 use_bidirectional_attention=True is not supported; the decoder "
+                         "is causal.")
+    head_dim = c.head_dim
+    rope = c.rope_parameters
+    tables = {kind: L.rope_inv_freq(head_dim, rope[kind]) for kind in sorted(set(c.layer_types))}
+    if any(rope[kind].get("rope_type", "default") not in ("default", "linear") for kind in tables):
+        raise ValueError(f"gemma3 rope_parameters {rope}: only default and linear RoPE are "
+                         "supported.")
+    full = tables.get("full_attention", L.rope_inv_freq(head_dim, rope["full_attention"]))
+    local = tables.get("sliding_attention")
+    bias = bool(getattr(c, "attention_bias", False))
+    return ArchConfig(
+        model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=head_dim,
+        rms_norm_eps=float(c.rms_norm_eps), inv_freq=tuple(float(x) for x in full),
+        local_inv_freq=None if local is None else tuple(float(x) for x in local),
+        layer_rope=tuple(int(kind == "sliding_attention" and local is not None)
+                         for kind in c.layer_types[:c.num_hidden_layers]),
+        tie_word_embeddings=tie_word_embeddings, initializer_range=float(c.initializer_range),
+        hidden_act=c.hidden_activation, qkv_bias=bias, o_bias=bias, qk_norm="head",
+        sliding_windows=_windows(c, c.layer_types), norm_kind="gemma", norm_layout="sandwich",
+        scale_embeddings=True, attn_scale=float(c.query_pre_attn_scalar) ** -0.5,
+        attn_softcap=None,  # transformers' Gemma 3 attention ignores attn_logit_softcapping
+        # Gemma3ForConditionalGeneration never soft-caps its logits; Gemma3ForCausalLM does
+        final_softcap=None if model_type in MULTIMODAL else c.final_logit_softcapping)

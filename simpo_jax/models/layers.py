@@ -87,16 +87,25 @@ class RMSNorm(nnx.Module):
         return w.astype(self.dtype) * normed.astype(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, rope: dict) -> np.ndarray:
-    """Inverse frequencies [E/2] in float32 for rope_type default / linear / llama3, as transformers."""
+def rope_inv_freq(head_dim: int, rope: dict, *, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [R/2] in float32 for rope_type default / linear / llama3 / longrope, as
+    transformers; R = int(head_dim * partial_rotary_factor) rotated dims (phi3), else head_dim.
+
+    longrope: the short factors, or with long=True the long ones (transformers switches to them
+    when the largest position + 1 exceeds original_max_position_embeddings, see rope_scale).
+    """
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     base = np.float32(rope["rope_theta"])
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (np.float32(1.0) / (base ** exponent)).astype(np.float32)
     kind = rope.get("rope_type", "default")
     if kind == "default":
         return inv_freq
     if kind == "linear":
         return (inv_freq / np.float32(rope["factor"])).astype(np.float32)
+    if kind == "longrope":
+        factors = np.asarray(rope["long_factor" if long else "short_factor"], np.float32)
+        return (np.float32(1.0) / (factors * (base ** exponent))).astype(np.float32)
     if kind == "llama3":
         factor = np.float32(rope["factor"])
         low, high = np.float32(rope["low_freq_factor"]), np.float32(rope["high_freq_factor"])
@@ -108,20 +117,43 @@ def rope_inv_freq(head_dim: int, rope: dict) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"rope_type={kind!r} is not supported; supported: default, linear, llama3.")
+    raise ValueError(f"rope_type={kind!r} is not supported; supported: default, linear, llama3, "
+                     "longrope.")
 
 
-def rope_cos_sin(positions_BT, inv_freq, dtype):
-    """cos, sin [B, T, E] (halves repeated, as transformers' rotate_half convention)."""
+def rope_scale(rope: dict, max_position_embeddings: int) -> float:
+    """The factor transformers multiplies cos and sin by: 1 except for longrope, where it is
+    attention_factor, else sqrt(1 + ln(s) / ln(original)) for s = factor (default: max positions /
+    original max positions) above 1."""
+    if rope.get("rope_type", "default") != "longrope":
+        return 1.0
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor")
+    if factor is None:
+        factor = max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_cos_sin(positions_BT, inv_freq, dtype, scale: float = 1.0):
+    """cos, sin [B, T, R] (halves repeated, as transformers' rotate_half convention), times scale."""
     freqs = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
+    return cos.astype(dtype), sin.astype(dtype)
 
 
-def apply_rope(x_BTNE, cos_BTE, sin_BTE):
-    half = x_BTNE.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTNE[..., half:], x_BTNE[..., :half]], axis=-1)
-    return x_BTNE * cos_BTE[:, :, None, :] + rotated * sin_BTE[:, :, None, :]
+def apply_rope(x_BTNE, cos_BTR, sin_BTR):
+    """Rotates the first R dims of each head (all when R == E; phi3's partial rotary otherwise)."""
+    r = cos_BTR.shape[-1]
+    x_rot, x_pass = x_BTNE[..., :r], x_BTNE[..., r:]
+    half = r // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos_BTR[:, :, None, :] + rotated * sin_BTR[:, :, None, :]
+    return out if r == x_BTNE.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 def base_mask(attention_mask_BT, segment_ids_BT=None, branch_ids_BT=None):
