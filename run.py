@@ -8,6 +8,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from simpo_jax import cli
 from simpo_jax import config as config_lib
 
 
@@ -33,7 +34,7 @@ config_flags.register_flag_parser_for_type(config_lib.DATASET_MIXER_TYPES, Datas
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file.",
                                           lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "lr_find", "plot", "plan"], "What to do with the config.")
+_MODE = flags.DEFINE_enum("mode", "train", list(cli.MODES), "What to do with the config.")
 
 
 def yaml_recipes(argv):

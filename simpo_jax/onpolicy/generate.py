@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "generation_manifest.json"
 SCORES_MANIFEST = "scores_manifest.json"
 REPORT = "onpolicy_report.json"
+PROGRESS_SECONDS = 10.0  # between progress lines within a shard
 
 
 def output_dir(config) -> str:
@@ -88,6 +89,7 @@ def sample_answers(config, model, tokenizer, mesh, prompt_ids: list, seeds: list
     out: list = [None] * len(prompt_ids)
     keys = sampling.row_keys(seeds, salts)
     tokens, start = 0, time.time()
+    said = start
     for b in range(0, len(order), rows):
         chunk = order[b:b + rows]
         batch = [prompt_ids[i] for i in chunk]
@@ -99,9 +101,12 @@ def sample_answers(config, model, tokenizer, mesh, prompt_ids: list, seeds: list
         for i, t in zip(chunk, new):
             out[i] = t
         tokens += sum(len(t) for t in new)
-        seconds = max(time.time() - start, 1e-9)
-        _say(f"generate{progress}: {min(b + rows, len(order))}/{len(order)} answers, {tokens} "
-             f"tokens, {tokens / seconds:.1f} tokens/s")
+        now = time.time()
+        if now - said >= PROGRESS_SECONDS or b + rows >= len(order):
+            said = now
+            _say(f"generate{progress}: {min(b + rows, len(order))}/{len(order)} answers, "
+                 f"{tokens} tokens, {tokens / max(now - start, 1e-9):.1f} tokens/s (compiles "
+                 "included)")
     return out
 
 
