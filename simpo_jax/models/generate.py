@@ -35,21 +35,41 @@ def _generate(state, ids_BT, mask_BT, *, graphdef, max_new_tokens, eos_token_id,
     token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
+    seq = jnp.zeros((b, s), jnp.int32).at[:, :t].set(ids_BT.astype(jnp.int32))
+    # longrope (phi3): transformers' Phi3ForCausalLM drops its cache when the sequence reaches
+    # original_max_position_embeddings + 1 tokens and encodes it all again (with the long
+    # factors); the step that writes slot `after` does the same here.
+    after = model.arch.long_rope_after if model.arch.long_inv_freq is not None else -1
+    recompute = t <= after < s
+
+    def step(token, pos, cache, slot, key_valid, key_positions, seq):
+        logits, cache = model.forward_cached(token[:, None], pos[:, None], cache, slot, key_valid,
+                                             key_positions)
+        return logits[:, -1], cache
+
+    def again(token, pos, cache, slot, key_valid, key_positions, seq):
+        logits, cache = model.forward_cached(seq, key_positions, model.init_cache(b, s), 0,
+                                             key_valid, key_positions)
+        return jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False), cache
 
     def body(i, carry):
-        cache, token, pos, key_valid, key_positions, out, done = carry
+        cache, token, pos, key_valid, key_positions, out, done, seq = carry
         out = out.at[:, i].set(jnp.where(done, pad_token_id, token))
         done = done | (token == eos_token_id)
         pos = pos + 1
         slot = t + i
         key_valid = key_valid.at[:, slot].set(True)
         key_positions = key_positions.at[:, slot].set(pos)
-        logits, cache = model.forward_cached(token[:, None], pos[:, None], cache, slot, key_valid,
-                                             key_positions)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        return cache, token, pos, key_valid, key_positions, out, done
+        seq = seq.at[:, slot].set(token)
+        args = (token, pos, cache, slot, key_valid, key_positions, seq)
+        if recompute:
+            logits, cache = jax.lax.cond(slot == after, again, step, *args)
+        else:
+            logits, cache = step(*args)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return cache, token, pos, key_valid, key_positions, out, done, seq
 
-    carry = (cache, token, positions[:, -1], key_valid, key_positions, out, done)
+    carry = (cache, token, positions[:, -1], key_valid, key_positions, out, done, seq)
     return jax.lax.fori_loop(0, max_new_tokens, body, carry)[5]
 
 
