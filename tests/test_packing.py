@@ -23,6 +23,22 @@ GEMMA2 = dict(model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_s
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=2.0,
               final_logit_softcapping=3.0, max_position_embeddings=128)
+# Gemma 3: a RoPE table per layer type (local base on sliding layers) next to the window
+GEMMA3 = dict(model_type="gemma3_text", vocab_size=96, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              query_pre_attn_scalar=24, sliding_window=4, max_position_embeddings=128,
+              layer_types=["sliding_attention", "full_attention"],
+              rope_parameters={"sliding_attention": dict(rope_theta=10.0),
+                               "full_attention": dict(rope_type="linear", rope_theta=100.0,
+                                                      factor=8.0)})
+# Phi-3: partial rotary and longrope past original_max_position_embeddings (long factors, chosen
+# from the largest position: the same in packed rows, whose positions restart per sequence)
+PHI3 = dict(model_type="phi3", vocab_size=96, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, original_max_position_embeddings=4, pad_token_id=0,
+            eos_token_id=2, bos_token_id=1,
+            rope_parameters=dict(rope_type="longrope", rope_theta=100.0, partial_rotary_factor=0.75,
+                                 short_factor=[1.0, 1.5, 2.0], long_factor=[2.0, 4.0, 8.0]))
 LOSS = loss_lib.LossConfig(beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.1)
 ROW, MAX_PAIRS = 64, 8
 
@@ -82,6 +98,11 @@ def objective(graphdef, chunk, num_pairs, num_sft):
     pytest.param(GEMMA2, "shared_prompt", id="gemma2_window4-shared_prompt"),
     pytest.param(LLAMA, "shared_prompt", id="llama-shared_prompt", marks=pytest.mark.slow),
     pytest.param(GEMMA2, "packed", id="gemma2_window4-packed", marks=pytest.mark.slow),
+    pytest.param(GEMMA3, "shared_prompt", id="gemma3_window4-shared_prompt",
+                 marks=pytest.mark.slow),
+    pytest.param(GEMMA3, "packed", id="gemma3_window4-packed", marks=pytest.mark.slow),
+    pytest.param(PHI3, "shared_prompt", id="phi3_longrope-shared_prompt", marks=pytest.mark.slow),
+    pytest.param(PHI3, "packed", id="phi3_longrope-packed", marks=pytest.mark.slow),
 ])
 def test_rows_equal_padded(config, layout):
     pairs = edge_pairs()
