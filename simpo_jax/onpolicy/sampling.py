@@ -18,21 +18,44 @@ from flax import nnx
 NEG_INF = -jnp.inf
 
 
+def _order_keys(x):
+    """uint32 keys that order float32 values as the floats order (-inf first)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    signed = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jax.lax.bitcast_convert_type(signed, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
 def top_p_filter(logits_BV, top_p: float):
     """Logits with the tokens outside the nucleus set to -inf, as transformers' TopPLogitsWarper.
 
-    Sorted ascending, a token is removed while the cumulative probability up to and including it
-    is <= 1 - top_p; the most probable token always stays (min_tokens_to_keep=1).
+    Its rule: sorted ascending, a token goes while the probability mass up to and including it is
+    <= 1 - top_p; the most probable token always stays. That mass only grows with the logit, so
+    the removed tokens are those at or below one threshold logit, found here by bisection over the
+    32-bit keys of the logits (32 masked sums over V) instead of a sort of V (an [B, 32k] sort
+    costs ~10 ms a row on a CPU). Tokens with equal logits go or stay together (a sort would split
+    them by position).
     """
     if top_p >= 1.0:
         return logits_BV
-    order = jnp.argsort(logits_BV, axis=-1)  # ascending
-    sorted_logits = jnp.take_along_axis(logits_BV, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = cumulative <= (1.0 - top_p)
-    remove_sorted = remove_sorted.at[..., -1].set(False)
-    remove = jnp.zeros_like(remove_sorted).at[
-        jnp.arange(logits_BV.shape[0])[:, None], order].set(remove_sorted)
+    probs = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+    keys = _order_keys(logits_BV)
+    limit = 1.0 - top_p
+
+    def mass_upto(t_B):
+        return jnp.sum(jnp.where(keys <= t_B[:, None], probs, 0.0), axis=-1)
+
+    def halve(_, bounds):  # invariant: mass_upto(lo) <= limit < mass_upto(hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        below = mass_upto(mid) <= limit
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    b = logits_BV.shape[0]
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros((b,), jnp.uint32),
+                                             jnp.full((b,), 0xFFFFFFFF, jnp.uint32)))
+    remove = keys <= lo[:, None]
+    best = jnp.argmax(logits_BV, axis=-1)
+    remove = remove & (jnp.arange(logits_BV.shape[-1])[None, :] != best[:, None])
     return jnp.where(remove, NEG_INF, logits_BV)
 
 
