@@ -273,6 +273,7 @@ def folder_contents(folder):
     return out
 
 
+@pytest.mark.slow
 def test_interrupted_generation_resumes_to_the_same_files(tmp_path, monkeypatch):
     rm_path = tiny_reward_model(tmp_path / "rm")
     whole = tiny_config(tmp_path / "whole", rm_path)
