@@ -39,6 +39,9 @@ def hf_reward_model(folder, family, **overrides):
     common = dict(COMMON, num_labels=1, **overrides)
     if family == "llama":
         model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**common))
+    elif family == "mistral":
+        model = transformers.MistralForSequenceClassification(transformers.MistralConfig(
+            sliding_window=4, **common))
     elif family == "qwen2":
         model = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(**common))
     else:
@@ -62,7 +65,7 @@ def hf_padded(seqs, side):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
 def test_reward_scores_match_transformers(tmp_path, family):
     hf = hf_reward_model(tmp_path, family)
     rng = np.random.default_rng(0)
@@ -304,6 +307,18 @@ def test_interrupted_generation_resumes_to_the_same_files(tmp_path, monkeypatch)
     assert all(len(r["all_generated_responses"]) == 3 for r in rows)
     assert all(r["score_chosen"] == max(r["all_rm_scores"]) > r["score_rejected"] ==
                min(r["all_rm_scores"]) for r in rows)
+
+    armo = tmp_path / "armo"  # a custom-code reward model is refused before any sampling
+    armo.mkdir()
+    (armo / "config.json").write_text(json.dumps(dict(
+        COMMON, model_type="llama", architectures=["LlamaForRewardModelWithGating"],
+        auto_map={"AutoModelForSequenceClassification": "modeling_custom.Gated"})))
+    called = []
+    monkeypatch.setattr(generate_lib, "load_policy", lambda *a, **k: called.append(1))
+    with pytest.raises(SystemExit):
+        cli.main(tiny_config(tmp_path / "armo_run", str(armo)), "generate")
+    assert not called
+    monkeypatch.undo()
 
     changed = tiny_config(tmp_path / "cut", rm_path)
     changed.generation_temperature = 0.5

@@ -268,8 +268,24 @@ def write_pairs(config, tokenizer) -> dict:
     return rep
 
 
+def check_reward_model(config) -> None:
+    """Refuses an unusable reward model from its config and tokenizer alone, before any sampling."""
+    where = f"config.reward_model_name_or_path={config.reward_model_name_or_path!r}"
+    path = hub.resolve_pretrained(config.reward_model_name_or_path, weights=False,
+                                  field="reward_model_name_or_path")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise UserError(f"{where}: no config.json in {path}; give a transformers "
+                        "*ForSequenceClassification folder or Hub id.")
+    with open(config_path) as f:
+        reward.check_config(json.load(f), where)
+    reward.load_tokenizer(path, where)
+
+
 def generate(config) -> dict:
     """--mode=generate: sample (resumable), then score and pair when a reward model is set."""
+    if config.reward_model_name_or_path:
+        check_reward_model(config)
     model, tokenizer, mesh, source = load_policy(config)
     prompts = prompts_lib.load(config, "train")
     if not prompts:

@@ -81,6 +81,7 @@ def rm_eval(config) -> dict:
     if not checkpoints and not config.resume_from:
         raise UserError(f"--mode=rm_eval: no checkpoint in {config.output_dir}/checkpoints to "
                         "judge; train first, or set config.resume_from to a checkpoint step folder.")
+    generate_lib.check_reward_model(config)
     prompts = prompts_lib.load(config, "test")
     if config.rm_eval_num_prompts:
         prompts = prompts[:config.rm_eval_num_prompts]
