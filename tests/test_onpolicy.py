@@ -183,10 +183,13 @@ def test_low_temperature_sampling_equals_greedy(tmp_path):
     keys = sampling.row_keys([13, 21, 42, 79], range(4))
     got = sampling.sample(model, PROMPTS, keys, max_new_tokens=10, eos_token_id=2, pad_token_id=0,
                           temperature=1e-5, top_p=0.95, mesh=mesh(), prompt_length=16)
-    for row, ref in zip(got, greedy):
+    zero = sampling.sample(model, PROMPTS, keys, max_new_tokens=10, eos_token_id=2,
+                           pad_token_id=0, temperature=0.0, top_p=0.95, mesh=mesh(),
+                           prompt_length=16)
+    for row, row_zero, ref in zip(got, zero, greedy):
         ref = list(map(int, ref))
         ref = ref[:ref.index(2) + 1] if 2 in ref else ref
-        assert row == ref
+        assert row == row_zero == ref
     assert len({tuple(r) for r in got}) > 1
 
 

@@ -125,7 +125,7 @@ def _manifest(config, source: str, prompts: list) -> dict:
             "truncation_mode": config.truncation_mode}
 
 
-def _check_manifest(path: str, wanted: dict, what: str) -> None:
+def _check_manifest(path: str, wanted: dict, what: str, fix: str) -> None:
     """Writes the manifest, or refuses to mix shards made with other settings."""
     if os.path.exists(path):
         with open(path) as f:
@@ -134,8 +134,7 @@ def _check_manifest(path: str, wanted: dict, what: str) -> None:
         if diff:
             k = diff[0]
             raise UserError(f"{os.path.dirname(path)} holds {what} made with {k}={found.get(k)!r}, "
-                            f"not {wanted.get(k)!r} (differing: {', '.join(diff)}). Use another "
-                            "config.generation_output_dir, or delete that folder to start over.")
+                            f"not {wanted.get(k)!r} (differing: {', '.join(diff)}). {fix}")
         return
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -152,7 +151,8 @@ def sample_shards(config, model, tokenizer, mesh, prompts: list, source: str) ->
     """Samples generation_num_samples answers per prompt into shards; skips shards already there."""
     out_dir = output_dir(config)
     _check_manifest(os.path.join(out_dir, MANIFEST), _manifest(config, source, prompts),
-                    "generations")
+                    "generations", "Use another config.generation_output_dir, or delete that "
+                    "folder to sample again.")
     if jax.process_index() == 0:
         os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
     tokenized = []
@@ -225,7 +225,8 @@ def score_shards(config, mesh) -> None:
     out_dir = output_dir(config)
     _check_manifest(os.path.join(out_dir, SCORES_MANIFEST),
                     {"reward_model": config.reward_model_name_or_path, "bf16": bool(config.bf16)},
-                    "scores")
+                    "scores", f"To score the same answers again, delete {SCORES_MANIFEST} and "
+                    "shards/scores-*.jsonl there.")
     generated = read_shards(out_dir, "generations")
     todo = [k for k in range(len(generated)) if not os.path.exists(shard_path(out_dir, "scores", k))]
     if not todo:
