@@ -106,7 +106,8 @@ def throughput(steps=10 if GPU else 2):
     tx, schedule = optim.make_optimizer(optim.OptimConfig(
         learning_rate=1e-5, lr_scheduler_type="constant_with_warmup", warmup_ratio=0.0,
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        max_grad_norm=1.0), total_steps=1000)
+        max_grad_norm=1.0, master_weights="float32", optimizer_state_dtype="float32",
+        seed=0), total_steps=1000)
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
     cfg = loss_lib.LossConfig(beta=2.0, gamma_beta_ratio=0.5)
     print(f"{'layout':<14}{'attention':<10}{'pairs/step':>11}{'median s':>10}{'real tok/s':>12}"

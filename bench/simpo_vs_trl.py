@@ -142,7 +142,8 @@ class OurSide:
         tx, schedule = optim.make_optimizer(optim.OptimConfig(
             learning_rate=LEARNING_RATE, lr_scheduler_type="constant_with_warmup",
             warmup_ratio=0.0, warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-            adam_epsilon=1e-8, max_grad_norm=1e9), total_steps=1000)
+            adam_epsilon=1e-8, max_grad_norm=1e9, master_weights="float32",
+            optimizer_state_dtype="float32", seed=0), total_steps=1000)
         mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
         abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
         cfg = loss_lib.LossConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO)

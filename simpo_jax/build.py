@@ -27,6 +27,7 @@ from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
 from simpo_jax import packing
+from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
 
@@ -94,7 +95,8 @@ def load_params(config, tokenizer, mesh, model_path: str, *, weights: bool):
     """(graphdef, params): loaded into their shardings, or abstract when a checkpoint will fill them."""
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     remat = config.remat_policy if config.gradient_checkpointing else "none"
-    kwargs = dict(dtype=dtype, param_dtype=jnp.float32, remat_policy=remat,
+    kwargs = dict(dtype=dtype, param_dtype=precision.param_dtype(config.master_weights),
+                  remat_policy=remat,
                   attention=config.attention_implementation)
     hf_config = model_config(config, tokenizer, model_path)
     if not weights:
@@ -105,6 +107,16 @@ def load_params(config, tokenizer, mesh, model_path: str, *, weights: bool):
         model = models.from_config(hf_config, seed=config.model_init_seed, mesh=mesh, **kwargs)
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
+
+
+def memory_mode(config) -> dict:
+    """What a checkpoint's state holds: the dtypes of master weights and moments (not offload)."""
+    return {"master_weights": config.master_weights,
+            "optimizer_state_dtype": config.optimizer_state_dtype}
+
+
+# Checkpoint meta fields added after checkpoints existed: their value in those older checkpoints.
+META_DEFAULTS = {"memory": {"master_weights": "float32", "optimizer_state_dtype": "float32"}}
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -176,7 +188,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     train_step, state_sh = step_lib.jit_train_step(
         mesh, abstract_state, batch_layout=pack["layout"] if pack else "padded",
-        graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
+        offload_optimizer_state=config.offload_optimizer_state, graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
         accumulation_steps=config.gradient_accumulation_steps,
         logits_chunk_size=config.logits_chunk_size)
     if restoring:
@@ -193,11 +205,12 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         "total_steps": total_steps,
         "seed": config.seed,
         "packing": pack,
+        "memory": memory_mode(config),
     }
     run = Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
               total_steps, global_batch, eval_batch, checkpointer, meta, packing=pack)
-    run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed", "packing")
-                            if with_data else ("model",)) if restoring else 0
+    run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed", "packing",
+                                   "memory") if with_data else ("model", "memory")) if restoring else 0
     return run
 
 
@@ -250,7 +263,15 @@ def resume(run: Run, check: tuple[str, ...]) -> int:
 
     def same_run(step, meta):
         for key in check:
-            if meta.get(key) != run.meta[key]:
+            if meta.get(key, META_DEFAULTS.get(key)) != run.meta[key]:
+                if key == "memory":
+                    raise config_lib.UserError(
+                        f"Checkpoint {checkpointer.directory}/{step} holds a state of "
+                        f"{_short(meta.get(key, META_DEFAULTS[key]))} but this run asks for "
+                        f"{_short(run.meta[key])}: the optimizer moments and master weights are "
+                        "stored in those dtypes and cannot be converted on resume. Resume with "
+                        "the checkpoint's settings, or start a new output_dir (from an exported "
+                        "model) to change them.")
                 raise config_lib.UserError(
                     f"Checkpoint {checkpointer.directory}/{step} was written with a different "
                     f"{key}: {_short(meta.get(key))} there, {_short(run.meta[key])} now. Use a new "

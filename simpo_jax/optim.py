@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simpo_jax import precision
 from simpo_jax.sharding import path_str
 
 SCHEDULES = ("cosine", "linear", "constant_with_warmup")
@@ -25,6 +26,9 @@ class OptimConfig:
     adam_beta2: float
     adam_epsilon: float
     max_grad_norm: float
+    master_weights: str  # precision.MASTER_WEIGHTS
+    optimizer_state_dtype: str  # precision.STATE_DTYPES
+    seed: int  # stochastic rounding's random stream
 
     @classmethod
     def from_config(cls, config) -> "OptimConfig":
@@ -84,10 +88,25 @@ def range_test_schedule(min_lr: float, max_lr: float, steps: int) -> optax.Sched
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, schedule: optax.Schedule | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decay masked off norms and biases) after global-norm clipping; the LR schedule."""
+    """AdamW (decay masked off norms and biases) after global-norm clipping; the LR schedule.
+
+    The memory modes (simpo_jax/precision.py) add float32 gradients first, bfloat16 moments inside
+    AdamW, and the rounding to bfloat16 masters last; the float32 default is optax's adamw as is.
+    """
     schedule = schedule or make_schedule(cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.optimizer_state_dtype == "float32":
+        adamw = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                            weight_decay=cfg.weight_decay, mask=decay_mask)
+    else:
+        adamw = optax.chain(
+            precision.scale_by_adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon,
+                                    cfg.optimizer_state_dtype, seed=cfg.seed),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(schedule))
+    parts = [adamw]
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw), schedule
-    return adamw, schedule
+        parts.insert(0, optax.clip_by_global_norm(cfg.max_grad_norm))
+    if cfg.master_weights != "float32":
+        parts = [precision.to_float32(), *parts,
+                 precision.round_to_master(cfg.master_weights, seed=cfg.seed)]
+    return (parts[0] if len(parts) == 1 else optax.chain(*parts)), schedule

@@ -171,11 +171,13 @@ def denominators(batch):
 
 def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
                schedule, cfg: loss_lib.LossConfig, accumulation_steps: int,
-               logits_chunk_size: int = 0):
+               logits_chunk_size: int = 0, opt_state_memory=None):
     """One optimizer update over `accumulation_steps` micro-batches of the global batch.
 
     Each micro-batch's objective is normalised by the global batch's pair and token counts, so the
-    summed gradients equal those of one large batch exactly.
+    summed gradients equal those of one large batch exactly. Gradients (and the accumulator) have
+    the parameters' dtype. opt_state_memory = (device, host) shardings of an optimizer state kept
+    in host memory: it is brought to the device for the update and sent back.
     """
     num_pairs, num_sft_tokens = denominators(batch)
 
@@ -208,8 +210,13 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
         zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
         (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro_batches)
 
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+    opt_state = state.opt_state
+    if opt_state_memory is not None:
+        opt_state = jax.device_put(opt_state, opt_state_memory[0])
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    if opt_state_memory is not None:
+        opt_state = jax.device_put(opt_state, opt_state_memory[1])
     params = optax.apply_updates(state.params, updates)
     metrics = loss_lib.finalize_metrics(sums, cfg)
     metrics["grad_norm"] = grad_norm
@@ -240,20 +247,25 @@ def batch_shardings(mesh: Mesh, layout: str = "padded") -> dict[str, NamedShardi
     }
 
 
-def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
-    """Parameters and optimizer moments follow the partition table; scalars are replicated."""
+def state_shardings(mesh: Mesh, abstract_state: TrainState, offload: bool = False) -> TrainState:
+    """Parameters and optimizer moments follow the partition table; scalars are replicated.
+
+    offload: the optimizer state lives in host memory (memory kind pinned_host).
+    """
     return TrainState(
         step=sharding_lib.replicated(mesh),
         params=sharding_lib.param_shardings(mesh, abstract_state.params),
-        opt_state=_opt_state_shardings(mesh, abstract_state.opt_state),
+        opt_state=_opt_state_shardings(mesh, abstract_state.opt_state,
+                                       "pinned_host" if offload else None),
     )
 
 
-def _opt_state_shardings(mesh, opt_state):
+def _opt_state_shardings(mesh, opt_state, memory_kind=None):
     # Optimizer moments mirror the parameter tree (and its paths); counts are scalars.
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(
-            mesh, sharding_lib.spec_for(sharding_lib.path_str(path), x.shape, mesh)),
+            mesh, sharding_lib.spec_for(sharding_lib.path_str(path), x.shape, mesh),
+            memory_kind=memory_kind),
         opt_state)
 
 
@@ -261,9 +273,13 @@ def init_state(params, tx) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def jit_train_step(mesh, abstract_state, batch_layout: str = "padded", **kwargs):
+def jit_train_step(mesh, abstract_state, batch_layout: str = "padded",
+                   offload_optimizer_state: bool = False, **kwargs):
     """The train step, jitted once with explicit in/out shardings and the state donated."""
-    state_sh = state_shardings(mesh, abstract_state)
+    state_sh = state_shardings(mesh, abstract_state, offload=offload_optimizer_state)
+    if offload_optimizer_state:
+        on_device = _opt_state_shardings(mesh, abstract_state.opt_state, "device")
+        kwargs["opt_state_memory"] = (on_device, state_sh.opt_state)
     fn = functools.partial(train_step, **kwargs)
     return jax.jit(fn, in_shardings=(state_sh, batch_shardings(mesh, batch_layout)),
                    out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=(0,)), state_sh

@@ -18,6 +18,7 @@ from simpo_jax import flops
 from simpo_jax import hub
 from simpo_jax import models
 from simpo_jax import plots
+from simpo_jax import precision
 from simpo_jax import report
 from simpo_jax.build import Run, build, train_batch_iterator
 from simpo_jax.evaluation import eval_round
@@ -153,7 +154,8 @@ def export(run: Run, out_dir: str | None = None, eval_metrics: dict | None = Non
     """Writes the current parameters as a Hugging Face folder with a model card; pushes if asked."""
     config = run.config
     out_dir = out_dir or config.output_dir
-    model = nnx.merge(run.graphdef, run.state.params)
+    model = nnx.merge(run.graphdef, precision.master_value(run.state.params, run.state.opt_state,
+                                                           config.master_weights))
     models.save_pretrained(model, out_dir, tokenizer=run.tokenizer, dtype=config.export_dtype,
                            max_shard_size=config.max_shard_size)
     if jax.process_index() == 0:

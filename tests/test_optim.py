@@ -14,7 +14,8 @@ from simpo_jax import optim
 def cfg(kind, warmup_ratio=0.1, warmup_steps=0):
     return optim.OptimConfig(learning_rate=5e-7, lr_scheduler_type=kind, warmup_ratio=warmup_ratio,
                              warmup_steps=warmup_steps, weight_decay=0.0, adam_beta1=0.9,
-                             adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0)
+                             adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+                             master_weights="float32", optimizer_state_dtype="float32", seed=0)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant_with_warmup"])

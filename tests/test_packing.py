@@ -170,7 +170,8 @@ def test_sharded_train_step_equals_padded():
     tx, schedule = optim.make_optimizer(optim.OptimConfig(
         learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_ratio=0.0, warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        max_grad_norm=1e9), total_steps=10)
+        max_grad_norm=1e9, master_weights="float32", optimizer_state_dtype="float32",
+        seed=0), total_steps=10)
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(2, 2, 2))
     out = {}
     for layout, batch, accumulation in (("padded", padded, 1), ("shared_prompt", packed, 2)):

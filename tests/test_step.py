@@ -20,7 +20,8 @@ TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size
 LOSS = loss_lib.LossConfig(beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.1)
 OPT = optim.OptimConfig(learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.0,
                         warmup_steps=0, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
-                        adam_epsilon=1e-8, max_grad_norm=1.0)
+                        adam_epsilon=1e-8, max_grad_norm=1.0, master_weights="float32",
+                        optimizer_state_dtype="float32", seed=0)
 
 
 def make_batch(num_pairs=16, t=24, seed=0):
