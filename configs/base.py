@@ -27,6 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.attention_implementation = "auto"  # auto (cuDNN on GPU in bf16, else XLA) | xla | cudnn
     c.logits_chunk_size = 0  # positions per LM-head chunk in the loss; 0 = all at once
 
+    # --- Memory modes (measured effects: docs/memory_plans.md) --------------------------------
+    # Master weights: float32 (12 bytes/param with AdamW) | bfloat16_stochastic (2 bytes,
+    # stochastically rounded updates: unbiased, noisy per weight) | bfloat16_kahan (bf16 weights +
+    # bf16 compensation: 4 bytes, updates kept to ~16 bits). Never plain bf16: it drops every
+    # update under 1/512 of a weight, i.e. all of SimPO's (lr 3e-7 to 1e-6). Gradients and the
+    # accumulation buffer follow the master dtype.
+    c.master_weights = "float32"
+    c.optimizer_state_dtype = "float32"  # AdamW moments: float32 | bfloat16 (stochastically rounded)
+    c.offload_optimizer_state = False  # AdamW moments in host memory (pinned_host), streamed in for the update
+
     # --- Data ----------------------------------------------------------------------------------
     # {name_or_path: fraction <= 1 or row count}. A reference typed dict-or-ConfigDict, so a recipe's
     # plain dict is kept as it is: a ConfigDict would reject the dots in "/data/prefs.v1/train.jsonl".

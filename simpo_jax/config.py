@@ -6,6 +6,8 @@ import difflib
 
 import ml_collections
 
+from simpo_jax import precision
+
 
 class UserError(ValueError):
     """A mistake in the config, the data or the output folder; the message names it and the fix.
@@ -26,6 +28,8 @@ CHOICES = {
     "batch_layout": ("padded", "packed", "shared_prompt"),
     "attention_implementation": ("auto", "xla", "cudnn"),
     "rm_eval_baseline": ("model", "chosen"),
+    "master_weights": precision.MASTER_WEIGHTS,
+    "optimizer_state_dtype": precision.STATE_DTYPES,
 }
 POSITIVE = ("beta", "learning_rate", "max_length", "max_prompt_length", "per_device_train_batch_size",
             "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
