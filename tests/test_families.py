@@ -160,3 +160,38 @@ def test_unknown_language_model_tensor_is_still_unexpected(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="Unexpected tensor 'language_model.model.extra.weight'"):
         models.from_pretrained(str(tmp_path))
+
+
+SHIPPED = ("google/gemma-3-12b-it", "google/gemma-3-4b-it", "microsoft/Phi-4-mini-instruct",
+           "microsoft/Phi-3.5-mini-instruct", "Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_planner_configs_have_transformers_parameter_counts(name):
+    """assets/model_configs copies of the real sizes: our parameters (the language model of a
+    multimodal checkpoint) number exactly what transformers builds from the same config.json."""
+    import jax
+    from flax import nnx
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                        "model_configs", name.replace("/", "__") + ".json")
+    with open(path) as f:
+        config = json.load(f)
+    ours = nnx.eval_shape(lambda: models.from_config(config))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        if config["model_type"] == "gemma3":
+            reference = transformers.Gemma3ForConditionalGeneration(hf_config)
+        else:
+            reference = transformers.AutoModelForCausalLM.from_config(hf_config)
+    named = dict(reference.named_parameters(remove_duplicate=True))
+    expected = sum(p.numel() for k, p in named.items()
+                   if "vision_tower" not in k and "multi_modal_projector" not in k)
+    assert count == expected, (count, expected)
+    if config["model_type"] == "phi3":  # longrope, short factors below 4096 positions
+        assert ours.arch.long_rope_after == 4096 and ours.arch.rope_scale > 1.0
+    if config["model_type"] == "gemma3":  # 5 local : 1 global, local base 10k
+        assert ours.arch.layer_rope[:6] == (1, 1, 1, 1, 1, 0)
+        assert ours.arch.local_inv_freq[1] == pytest.approx(10000.0 ** (-2 / 256))
+        assert ours.arch.inv_freq[1] == pytest.approx(1e6 ** (-2 / 256) / 8)

@@ -124,6 +124,28 @@ def test_unsupported_model_type(tmp_path):
         models.from_pretrained(str(tmp_path))
 
 
+def test_checkpoint_code_is_never_run(tmp_path):
+    """A model type that needs the checkpoint's own code (auto_map) is refused in one line, with
+    trust_remote_code too; a supported type whose config also names code files (Phi-3.5,
+    Phi-4-mini) loads with our implementation."""
+    custom = {"model_type": "my_arch", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}
+    with pytest.raises(ValueError, match=r"'my_arch' is not supported: that would need the "
+                                         r"checkpoint's own code \(auto_map\).*supported model "
+                                         r"types: gemma2,"):
+        models.from_config(custom)
+    with pytest.raises(ValueError, match=r"trust_remote_code=True, but simpo_jax never runs code "
+                                         r"shipped with a checkpoint; supported model types"):
+        models.from_config(custom, trust_remote_code=True)
+    make_hf(tmp_path, "phi3", pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    config["auto_map"] = {"AutoConfig": "configuration_phi3.Phi3Config",
+                          "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    assert models.from_pretrained(str(tmp_path)).arch.model_type == "phi3"
+
+
 def _edit_checkpoint(path, edit):
     tensors = load_file(str(path / "model.safetensors"))
     edit(tensors)

@@ -27,12 +27,13 @@ __all__ = ["ArchConfig", "CausalLM", "REMAT_POLICIES", "from_config", "from_pret
            "save_pretrained", "to_hf_tensors", "arch_from_hf_config"]
 
 
-def arch_from_hf_config(hf_config: Any) -> tuple[ArchConfig, dict]:
+def arch_from_hf_config(hf_config: Any, trust_remote_code: bool = False
+                        ) -> tuple[ArchConfig, dict]:
     """(ArchConfig, config.json dict) of a transformers config or config.json dict.
 
     A multimodal config.json dict is kept as it came: export writes it back unchanged.
     """
-    config = families.normalize(hf_config)
+    config = families.normalize(hf_config, trust_remote_code)
     arch = families.arch_config(config)
     if arch.hidden_act not in layers_lib.ACTIVATIONS:
         raise ValueError(f"hidden_act={arch.hidden_act!r} is not supported; supported: "
@@ -42,8 +43,9 @@ def arch_from_hf_config(hf_config: Any) -> tuple[ArchConfig, dict]:
     return arch, families.config_dict(config)
 
 
-def _builder(hf_config, dtype, param_dtype, seed, remat_policy, attention, source=""):
-    arch, config_dict = arch_from_hf_config(hf_config)
+def _builder(hf_config, dtype, param_dtype, seed, remat_policy, attention, source="",
+             trust_remote_code=False):
+    arch, config_dict = arch_from_hf_config(hf_config, trust_remote_code)
     layers_lib.select_attention(attention, arch.attn_softcap, dtype)  # a bad choice fails here
     arch = dataclasses.replace(arch, attention_impl=attention)
     return lambda: CausalLM(arch, config_dict, dtype=dtype, param_dtype=param_dtype, seed=seed,
@@ -52,15 +54,17 @@ def _builder(hf_config, dtype, param_dtype, seed, remat_policy, attention, sourc
 
 def from_config(hf_config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0,
                 mesh: Mesh | None = None, remat_policy: str = "none",
-                attention: str = "auto", source: str = "") -> CausalLM:
+                attention: str = "auto", source: str = "",
+                trust_remote_code: bool = False) -> CausalLM:
     """Randomly initialised model (normal(initializer_range) weights, HF norm init); into `mesh` shardings when given.
 
     attention: auto | xla | cudnn, see layers.select_attention. source: the checkpoint folder the
     weights will come from (a restored training checkpoint of a multimodal model exports the
-    other towers from there).
+    other towers from there). trust_remote_code only changes why a checkpoint needing its own code
+    is refused (families.normalize): no checkpoint code ever runs.
     """
     build = _builder(hf_config, dtype, param_dtype, seed, remat_policy, attention,
-                     os.path.abspath(source) if source else "")
+                     os.path.abspath(source) if source else "", trust_remote_code)
     if mesh is None:
         return build()
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
@@ -71,11 +75,12 @@ def from_config(hf_config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32, s
 
 def from_pretrained(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                     mesh: Mesh | None = None, remat_policy: str = "none",
-                    attention: str = "auto") -> CausalLM:
+                    attention: str = "auto", trust_remote_code: bool = False) -> CausalLM:
     """Loads a local HF folder (config.json + model.safetensors or a sharded index), tensor by tensor."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    build = _builder(config, dtype, param_dtype, 0, remat_policy, attention, os.path.abspath(path))
+    build = _builder(config, dtype, param_dtype, 0, remat_policy, attention, os.path.abspath(path),
+                     trust_remote_code)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -26,8 +26,13 @@ ARCHITECTURES = {  # model_type -> transformers class written to config.json "ar
 MULTIMODAL = {"gemma3": "text_config"}
 
 
-def normalize(hf_config: Any) -> transformers.PretrainedConfig:
-    """A transformers config object from a config or a config.json dict (old rope keys upgraded)."""
+def normalize(hf_config: Any, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+    """A transformers config object from a config or a config.json dict (old rope keys upgraded).
+
+    A model type of ours loads whatever auto_map says (Phi-3.5 and Phi-4-mini name their own code
+    files; transformers has phi3). Any other is refused in one line; one whose checkpoint brings
+    its own code (auto_map) is refused with trust_remote_code too: we never run checkpoint code.
+    """
     if isinstance(hf_config, transformers.PretrainedConfig):
         model_type = hf_config.model_type
         hf_config = hf_config.to_dict()
@@ -35,8 +40,15 @@ def normalize(hf_config: Any) -> transformers.PretrainedConfig:
         hf_config = dict(hf_config)
         model_type = hf_config.get("model_type")
     if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        if hf_config.get("auto_map"):
+            why = ("trust_remote_code=True, but simpo_jax never runs code shipped with a checkpoint"
+                   if trust_remote_code else "that would need the checkpoint's own code "
+                   "(auto_map), which simpo_jax never runs, with trust_remote_code or without")
+            raise ValueError(f"model_type={model_type!r} is not supported: {why}; supported "
+                             f"model types: {supported}.")
         raise ValueError(f"model_type={model_type!r} is not supported; supported model types: "
-                         f"{', '.join(sorted(ARCHITECTURES))}.")
+                         f"{supported}.")
     return transformers.CONFIG_MAPPING[model_type].from_dict(hf_config)
 
 
