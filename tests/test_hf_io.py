@@ -79,8 +79,13 @@ def test_round_trip_float32_is_bitwise(tmp_path, model_type, overrides):
     assert np.abs(np.asarray(ours(IDS)) - logits_of(src, IDS)).max() < 1e-4
 
 
-def test_small_shards_write_an_index_that_transformers_and_we_load(tmp_path):
-    src = make_hf(tmp_path / "src")
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", {}),
+    # fused tensors across shards: a shard holds a whole qkv_proj, the index names it
+    ("phi3", dict(pad_token_id=0, eos_token_id=2, bos_token_id=1)),
+])
+def test_small_shards_write_an_index_that_transformers_and_we_load(tmp_path, model_type, overrides):
+    src = make_hf(tmp_path / "src", model_type, **overrides)
     ours = models.from_pretrained(str(tmp_path / "src"))
     models.save_pretrained(ours, str(tmp_path / "out"), max_shard_size="20KB")
     shards = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
