@@ -65,13 +65,29 @@ def warp(logits_BV, temperature: float, top_p: float):
     return top_p_filter(logits_BV, top_p)
 
 
+def draw(logits_BV, keys_B):
+    """One token per row from softmax(logits) by inverse CDF: one uniform number per row.
+
+    The first token whose cumulative probability reaches u * total; a token of probability 0
+    (outside the nucleus) spans no interval, so it is never drawn. One uniform per row instead of
+    jax.random.categorical's Gumbel noise over the whole vocabulary (V random numbers per row, the
+    larger cost of a sampling step on a CPU).
+    """
+    probs = jax.nn.softmax(logits_BV, axis=-1)
+    cumulative = jnp.cumsum(probs, axis=-1)
+    u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)  # (0, 1]
+    target = u * cumulative[:, -1]
+    token = jnp.sum(cumulative < target[:, None], axis=-1)
+    return jnp.minimum(token, logits_BV.shape[-1] - 1).astype(jnp.int32)
+
+
 def next_tokens(logits_BV, keys_B, step, *, temperature: float, top_p: float):
     """One token per row: argmax at temperature 0, else a draw from the warped distribution."""
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     warped = warp(logits_BV, temperature, top_p)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
-    return jax.vmap(jax.random.categorical)(step_keys, warped).astype(jnp.int32)
+    return draw(warped, step_keys)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id",
