@@ -54,7 +54,8 @@ IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
                                           "full_attention": dict(rope_type="linear",
                                                                  rope_theta=100.0, factor=8.0)})),
     # fused qkv_proj and gate_up_proj: split on import, concatenated again on export
-    ("phi3", dict(pad_token_id=0, eos_token_id=2, bos_token_id=1, original_max_position_embeddings=4,
+    ("phi3", dict(pad_token_id=0, eos_token_id=2, bos_token_id=1,
+                  original_max_position_embeddings=4,
                   rope_parameters=dict(rope_type="longrope", rope_theta=100.0,
                                        partial_rotary_factor=0.75, short_factor=[1.0, 1.5, 2.0],
                                        long_factor=[2.0, 4.0, 8.0]))),
