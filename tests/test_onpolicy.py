@@ -360,3 +360,43 @@ def test_generate_pairs_train_rm_eval_end_to_end(tmp_path):
     assert summary["policy"].startswith("checkpoint") and summary["baseline"] == "assets/tiny_sft"
     for name in ("rm_eval.json", "rm_eval_answers.jsonl", "rm_eval.png"):
         assert os.path.exists(os.path.join(config.output_dir, name))
+
+
+@pytest.mark.slow
+def test_reward_model_by_hub_name(tmp_path):
+    """A standard reward model by Hub id is downloaded and used; a custom-code one is refused."""
+    import subprocess
+    import sys
+
+    from hub_stand_in import HubStandIn
+
+    stand_in = HubStandIn()
+    try:
+        stand_in.add_model("Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+                           tiny_reward_model(tmp_path / "rm"))
+        armo = tmp_path / "armo"
+        armo.mkdir()
+        (armo / "config.json").write_text(json.dumps(dict(
+            COMMON, model_type="llama", architectures=["LlamaForRewardModelWithGating"],
+            auto_map={"AutoModelForSequenceClassification": "modeling_custom.Gated"})))
+        (armo / "model.safetensors").write_bytes(b"not read")
+        stand_in.add_model("RLHFlow/ArmoRM-Llama3-8B-v0.1", str(armo))
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+        env.update(HF_ENDPOINT=stand_in.url, HF_HOME=str(tmp_path / "hf_home"),
+                   HF_HUB_DISABLE_PROGRESS_BARS="1")
+        common = ["--config=configs/tiny.py", f"--config.output_dir={tmp_path / 'run'}",
+                  "--config.dataset_mixer={'assets/tiny_prefs_onpolicy': 8}",
+                  "--config.generation_max_new_tokens=4", "--config.generation_shard_prompts=8"]
+        run = lambda name: subprocess.run(
+            [sys.executable, "run.py", *common, "--mode=generate",
+             f"--config.reward_model_name_or_path={name}"], cwd=ROOT, env=env, timeout=600,
+            capture_output=True, text=True)
+        refused = run("RLHFlow/ArmoRM-Llama3-8B-v0.1")
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert "needs custom code" in refused.stderr and "Skywork" in refused.stderr
+        assert not os.path.exists(tmp_path / "run" / "onpolicy")  # refused before sampling
+        done = run("Skywork/Skywork-Reward-Llama-3.1-8B-v0.2")
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert "on-policy pairs: 8 prompts in" in done.stdout
+    finally:
+        stand_in.close()
