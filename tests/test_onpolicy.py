@@ -44,6 +44,14 @@ def hf_reward_model(folder, family, **overrides):
             sliding_window=4, **common))
     elif family == "qwen2":
         model = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(**common))
+    elif family == "qwen3":
+        model = transformers.Qwen3ForSequenceClassification(transformers.Qwen3Config(
+            head_dim=16, **common))
+    elif family == "olmo2":
+        model = transformers.Olmo2ForSequenceClassification(transformers.Olmo2Config(**common))
+    elif family == "gemma3_text":
+        model = transformers.Gemma3TextForSequenceClassification(transformers.Gemma3TextConfig(
+            head_dim=16, sliding_window=4, query_pre_attn_scalar=16, **common))
     else:
         model = transformers.Gemma2ForSequenceClassification(transformers.Gemma2Config(
             head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
@@ -65,7 +73,8 @@ def hf_padded(seqs, side):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"] + [
+    pytest.param(f, marks=pytest.mark.slow) for f in ("qwen3", "olmo2", "gemma3_text")])
 def test_reward_scores_match_transformers(tmp_path, family):
     hf = hf_reward_model(tmp_path, family)
     rng = np.random.default_rng(0)
@@ -99,10 +108,12 @@ def test_custom_code_reward_model_refused(tmp_path):
     with pytest.raises(UserError, match="custom code.*Skywork"):
         reward.from_pretrained(str(tmp_path), where="ArmoRM")
     config.pop("auto_map")
-    config["architectures"] = ["LlamaForCausalLM"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="LlamaForCausalLM"):
-        reward.from_pretrained(str(tmp_path))
+    for architecture in ("LlamaForCausalLM", "Gemma3ForConditionalGeneration",
+                         "Phi3ForSequenceClassification"):
+        config["architectures"] = [architecture]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UserError, match=architecture):
+            reward.from_pretrained(str(tmp_path))
 
 
 # --- Sampling --------------------------------------------------------------------------------

@@ -21,15 +21,24 @@ from flax import nnx
 
 from simpo_jax import sharding as sharding_lib
 from simpo_jax.config import UserError
-from simpo_jax.models import arch_from_hf_config, families
+from simpo_jax.models import arch_from_hf_config
 from simpo_jax.models import layers as L
 from simpo_jax.models.decoder import CausalLM
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {  # model_type -> the transformers class of its reward models
-    t: families.ARCHITECTURES[t].replace("ForCausalLM", "ForSequenceClassification")
-    for t in families.ARCHITECTURES}
+# model_type -> the transformers class of its reward models: the families whose checkpoints keep
+# one tensor per projection (load_state below; not phi3's fused ones), each tested against
+# transformers in tests/test_onpolicy.py.
+ARCHITECTURES = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3_text": "Gemma3TextForSequenceClassification",
+    "olmo2": "Olmo2ForSequenceClassification",
+}
 STANDARD_REWARD_MODELS = ("Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
                           "Skywork/Skywork-Reward-Gemma-2-27B-v0.2", "weqweasdas/RM-Mistral-7B")
 
