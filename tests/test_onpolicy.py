@@ -313,6 +313,8 @@ def test_interrupted_generation_resumes_to_the_same_files(tmp_path, monkeypatch)
     out = generate_lib.output_dir(cut)
     assert sorted(os.listdir(os.path.join(out, "shards"))) == [
         "generations-00000.jsonl", "generations-00001.jsonl"]
+    with open(os.path.join(out, "shards", "generations-00002.jsonl.tmp"), "w") as f:
+        f.write('{"cut short')  # a shard whose write was interrupted
     monkeypatch.setattr(generate_lib, "sample_answers", real)
     cli.main(cut, "generate")
     assert folder_contents(out) == folder_contents(generate_lib.output_dir(whole))

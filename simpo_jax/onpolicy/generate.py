@@ -155,6 +155,8 @@ def sample_shards(config, model, tokenizer, mesh, prompts: list, source: str) ->
                     "folder to sample again.")
     if jax.process_index() == 0:
         os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+        for stale in glob.glob(os.path.join(out_dir, "**", "*.tmp"), recursive=True):
+            os.remove(stale)  # a write cut short by the interruption; its shard is redone
     tokenized = []
     for p in prompts:
         ids, truncated = prompts_lib.token_ids(tokenizer, p["messages"], config.max_prompt_length,
