@@ -30,6 +30,7 @@ from simpo_jax import flops
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
+from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
 
@@ -54,6 +55,8 @@ TARGETS = {
     "tpu-v4-32": Target("tpu", "v4:2x2x4", 32, 16),  # 16 chips; libtpu exposes 2 cores per chip
     "tpu-v6e-8": Target("tpu", "v6e:2x4", 32, 8),
     "gpu-h100x8": Target("gpu", "", 80, 8),
+    "gpu-h100x1": Target("gpu", "", 80, 1),
+    "gpu-a100x1": Target("gpu", "", 40, 1),
 }
 
 # Words of libtpu's refusal when another process holds its lockfile: the ABORTED message ("...
@@ -65,15 +68,21 @@ LIBTPU_LOCKED_MESSAGE = (
     "on a host with libtpu installed takes it, even a CPU run without JAX_PLATFORMS=cpu): rerun "
     "with ALLOW_MULTIPLE_LIBTPU_LOAD=1 (the plan only compiles, it never runs on TPU chips).")
 
-# plan_search candidates, cheapest recompute first: (remat_policy, mesh (data, fsdp, tensor),
-# logits_chunk_size or None to keep the config's).
+# plan_search: changes applied one after another (each keeps the ones before), cheapest in step
+# time first; the first setting that fits wins. Every change keeps the effective batch.
 SEARCH = (
-    ("none", (1, -1, 1), None),
-    ("dots_saveable", (1, -1, 1), None),
-    ("full", (1, -1, 1), None),
-    ("full", (1, -1, 1), 256),
-    ("full", (1, -1, 2), 256),
+    {"gradient_checkpointing": True, "remat_policy": "full"},
+    {"logits_chunk_size": 256},
+    {"optimizer_state_dtype": "bfloat16"},
+    {"master_weights": "bfloat16_kahan"},
+    {"master_weights": "bfloat16_stochastic"},
+    {"offload_optimizer_state": True},
+    "halve per_device_train_batch_size",  # doubling gradient_accumulation_steps, down to 1
+    {"mesh_tensor": 2},  # halves the data-parallel devices: accumulation doubles
 )
+SETTING_FIELDS = ("gradient_checkpointing", "remat_policy", "logits_chunk_size", "master_weights",
+                  "optimizer_state_dtype", "offload_optimizer_state", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "mesh_data", "mesh_fsdp", "mesh_tensor")
 
 
 def hf_config_of(config) -> dict:
@@ -148,45 +157,88 @@ def activation_estimate(arch, *, pairs: int, length: int, remat: str, dtype_byte
     return arch.num_layers * saved + full_layer + logits
 
 
-def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, logits_chunk_size):
-    """Lowers and compiles the train step on abstract inputs; the per-device figures."""
-    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(*mesh_shape), devices)
+def abstract_batch(config, mesh) -> tuple[dict, int, int]:
+    """The global batch of the configured layout as abstract arrays; (batch, pairs, tokens).
+
+    Packed rows: pack_rows_per_device rows (else per_device_train_batch_size, one full-length pair
+    per row at worst) of pack_row_length (else 2 x max_length) tokens, every position scorable.
+    """
+    dp = sharding_lib.data_parallel_size(mesh)
+    accum = config.gradient_accumulation_steps
+    batch_sh = step_lib.batch_shardings(mesh, config.batch_layout)
+    if config.batch_layout == "padded":
+        pairs, t = config.per_device_train_batch_size * dp * accum, config.max_length
+        shapes = {"input_ids": ((pairs, 2, t), jnp.int32),
+                  "completion_start": ((pairs, 2), jnp.int32),
+                  "lengths": ((pairs, 2), jnp.int32), "pair_mask": ((pairs,), jnp.float32)}
+        tokens = pairs * 2 * t
+    else:
+        rows = (config.pack_rows_per_device or config.per_device_train_batch_size) * dp * accum
+        t, p = config.pack_row_length or 2 * config.max_length, config.pack_max_pairs_per_row
+        shapes = {k: ((rows, t), jnp.int32)
+                  for k in ("input_ids", "positions", "segment_ids", "branch_ids")}
+        shapes.update({k: ((rows, t), jnp.int32)
+                       for k in ("score_index", "score_target", "score_slot")})
+        shapes.update(prompt_lengths=((rows, p), jnp.int32),
+                      completion_lengths=((rows, p, 2), jnp.int32),
+                      pair_mask=((rows, p), jnp.float32))
+        pairs, tokens = rows * p, rows * t
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
+    return batch, pairs, tokens
+
+
+def setting_of(config) -> dict:
+    """The config fields the planner varies, as the config has them."""
+    return {k: config[k] for k in SETTING_FIELDS}
+
+
+def compile_step(config, hf_config: dict, devices):
+    """Lowers and compiles the train step the config would run, on abstract inputs.
+
+    The configured batch layout, remat policy, logits chunks, memory modes and offloading, on
+    the configured mesh: the per-device figures.
+    """
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config), devices)
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    remat = config.remat_policy if config.gradient_checkpointing else "none"
     model = nnx.eval_shape(lambda: models.from_config(
-        hf_config, dtype=dtype, param_dtype=jnp.float32, remat_policy=remat))
+        hf_config, dtype=dtype, param_dtype=precision.param_dtype(config.master_weights),
+        remat_policy=remat, attention=config.attention_implementation))
     graphdef, params = nnx.split(model, nnx.Param)
     tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps=1000)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     train_step, state_sh = step_lib.jit_train_step(
-        mesh, abstract_state, graphdef=graphdef, tx=tx, schedule=schedule,
-        cfg=loss_lib.LossConfig.from_config(config),
+        mesh, abstract_state, batch_layout=config.batch_layout,
+        offload_optimizer_state=config.offload_optimizer_state, graphdef=graphdef, tx=tx,
+        schedule=schedule, cfg=loss_lib.LossConfig.from_config(config),
         accumulation_steps=config.gradient_accumulation_steps,
-        logits_chunk_size=logits_chunk_size)
-    dp = sharding_lib.data_parallel_size(mesh)
-    pairs = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
-    t = config.max_length
-    batch_sh = step_lib.batch_shardings(mesh)
-    shapes = {"input_ids": ((pairs, 2, t), jnp.int32), "completion_start": ((pairs, 2), jnp.int32),
-              "lengths": ((pairs, 2), jnp.int32), "pair_mask": ((pairs,), jnp.float32)}
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
+        logits_chunk_size=config.logits_chunk_size)
+    batch, pairs, tokens = abstract_batch(config, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract_state, state_sh)
     params_b = _sharded_bytes(abstract_state.params, state_sh.params)
     opt_b = _sharded_bytes(abstract_state.opt_state, state_sh.opt_state)
+    host_b = opt_b if config.offload_optimizer_state else 0
     arch = model.arch
-    tokens = pairs * 2 * t
+    t = config.max_length if config.batch_layout == "padded" else batch["input_ids"].shape[1]
+    per_device_rows = batch["input_ids"].shape[0] // (sharding_lib.data_parallel_size(mesh)
+                                                      * config.gradient_accumulation_steps)
     result = {
-        "remat_policy": remat, "mesh": dict(mesh.shape), "logits_chunk_size": logits_chunk_size,
+        "setting": setting_of(config), "batch_layout": config.batch_layout,
+        "remat_policy": remat, "mesh": dict(mesh.shape),
+        "logits_chunk_size": config.logits_chunk_size,
         "num_devices": len(devices), "global_batch_pairs": pairs,
         "micro_batch_pairs_per_device": config.per_device_train_batch_size,
-        "accumulation_steps": config.gradient_accumulation_steps, "max_length": t,
+        "accumulation_steps": config.gradient_accumulation_steps, "max_length": config.max_length,
+        "row_length": t, "rows_per_device": per_device_rows,
         "num_params": sum(x.size for x in jax.tree.leaves(params)),
-        "params_bytes": params_b, "opt_state_bytes": opt_b,
+        "params_bytes": params_b, "opt_state_bytes": opt_b - host_b, "host_bytes": host_b,
+        "batch_bytes": _sharded_bytes(batch, {k: v.sharding for k, v in batch.items()}),
         "model_flops_per_step": flops.model_flops(arch, tokens, t),  # PaLM convention
         "activation_estimate_bytes": activation_estimate(
-            arch, pairs=config.per_device_train_batch_size, length=t, remat=remat,
-            dtype_bytes=jnp.dtype(dtype).itemsize, tensor=mesh.shape["tensor"],
-            logits_chunk_size=logits_chunk_size),
+            arch, pairs=per_device_rows if config.batch_layout == "padded" else per_device_rows / 2,
+            length=t, remat=remat, dtype_bytes=jnp.dtype(dtype).itemsize,
+            tensor=mesh.shape["tensor"], logits_chunk_size=config.logits_chunk_size),
     }
     lowered = train_step.lower(state, batch)
     start = time.time()
@@ -199,7 +251,7 @@ def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, lo
             raise
         temp = float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
         result.update(compile_seconds=round(time.time() - start, 1), out_of_memory=True,
-                      temp_bytes=int(temp), total_bytes=int(params_b + opt_b + temp),
+                      temp_bytes=int(temp), total_bytes=int(params_b + opt_b - host_b + temp),
                       xla_flops_per_device=None, compile_error=str(e).splitlines()[0][:300])
         return result
     mem = compiled.memory_analysis()
@@ -209,10 +261,11 @@ def compile_step(config, hf_config: dict, devices, *, remat: str, mesh_shape, lo
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     result.update(
         compile_seconds=round(time.time() - start, 1), out_of_memory=False,
-        batch_bytes=mem.argument_size_in_bytes - params_b - opt_b - 4,  # minus the step counter
         temp_bytes=mem.temp_size_in_bytes,  # gradients, accumulators, activations, workspace
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+        host_argument_bytes=getattr(mem, "host_argument_size_in_bytes", 0),
+        host_temp_bytes=getattr(mem, "host_temp_size_in_bytes", 0),
         total_bytes=total,
         # XLA counts a loop body once (layer scan, accumulation scan): a lower bound.
         xla_flops_per_device=float(cost.get("flops", -1.0)))
@@ -226,7 +279,8 @@ def verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
         result["kind"] = "compiled (out of memory)" if result["out_of_memory"] else "compiled"
         needed = result["total_bytes"]
     else:
-        # Params, optimizer, f32 gradients (and an accumulator) are exact; activations analytic.
+        # Params, optimizer, gradients (and an accumulator) in the parameters' dtype are exact;
+        # activations analytic.
         grads = 2 if result["accumulation_steps"] > 1 else 1
         result["analytic_total_bytes"] = ((1 + grads) * result["params_bytes"]
                                           + result["opt_state_bytes"]
@@ -244,16 +298,49 @@ def capacity_per_device(target: Target, devices) -> int:
     return int(target.chip_gib * GIB / per_chip)
 
 
-def candidates(config) -> list[tuple[str, tuple[int, int, int], int]]:
-    """(remat_policy, mesh shape, logits_chunk_size) to try: the config's own, then SEARCH's."""
-    own = (config.remat_policy if config.gradient_checkpointing else "none",
-           (config.mesh_data, config.mesh_fsdp, config.mesh_tensor), config.logits_chunk_size)
-    out = [own]
-    for remat, mesh_shape, chunk in SEARCH if config.plan_search else ():
-        candidate = (remat, mesh_shape, config.logits_chunk_size if chunk is None else chunk)
-        if candidate not in out:
-            out.append(candidate)
+def candidates(config) -> list[dict]:
+    """Settings to try (SETTING_FIELDS values): the config's own, then SEARCH's changes in turn."""
+    current = setting_of(config)
+    out = [dict(current)]
+    if not config.plan_search:
+        return out
+    for change in SEARCH:
+        if change == "halve per_device_train_batch_size":
+            while current["per_device_train_batch_size"] > 1:
+                pd = current["per_device_train_batch_size"]
+                smaller = pd // 2 if pd % 2 == 0 else 1
+                current = dict(current, per_device_train_batch_size=smaller,
+                               gradient_accumulation_steps=current["gradient_accumulation_steps"]
+                               * (pd // smaller))
+                out.append(dict(current))
+            continue
+        if change.get("logits_chunk_size") and current["logits_chunk_size"]:
+            continue  # the config already chunks the head
+        updated = dict(current, **change)
+        if change.get("mesh_tensor") and current["mesh_tensor"] == 1:
+            # A tensor axis of 2 halves the data-parallel devices: twice the accumulation.
+            updated["gradient_accumulation_steps"] = current["gradient_accumulation_steps"] * 2
+        if updated != current:
+            current = updated
+            out.append(dict(current))
     return out
+
+
+def with_setting(config, setting: dict):
+    """A copy of the config with a setting's fields."""
+    c = config.copy_and_resolve_references()
+    for k, v in setting.items():
+        c[k] = v
+    return c
+
+
+def overrides(config, setting: dict) -> list[str]:
+    """The --config.* flags that turn the config into `setting`."""
+    flags = []
+    for k in SETTING_FIELDS:
+        if setting[k] != config[k]:
+            flags.append(f"--config.{k}={setting[k]}")
+    return flags
 
 
 def plan(config) -> dict:
@@ -268,22 +355,25 @@ def plan(config) -> dict:
     capacity = (int(config.plan_capacity_gib * GIB) if config.plan_capacity_gib > 0
                 else capacity_per_device(target, devices))
     tried = []
-    for remat, mesh_shape, chunk in candidates(config):
+    for setting in candidates(config):
         try:
-            result = compile_step(config, hf_config, devices, remat=remat,
-                                  mesh_shape=mesh_shape, logits_chunk_size=chunk)
+            result = compile_step(with_setting(config, setting), hf_config, devices)
         except Exception as e:  # e.g. a mesh the model does not divide: record it, try the next
+            mesh_cfg = sharding_lib.MeshConfig(setting["mesh_data"], setting["mesh_fsdp"],
+                                               setting["mesh_tensor"])
             try:
-                mesh_shape = sharding_lib.mesh_shape(sharding_lib.MeshConfig(*mesh_shape),
-                                                     len(devices))
+                mesh_shape = sharding_lib.mesh_shape(mesh_cfg, len(devices))
             except ValueError:
-                pass
-            mesh = dict(zip(sharding_lib.AXES, mesh_shape))
-            result = {"remat_policy": remat, "mesh": mesh,
-                      "logits_chunk_size": chunk, "error": f"{type(e).__name__}: {str(e)[:500]}",
-                      "fits": False}
+                mesh_shape = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+            result = {"setting": setting, "batch_layout": config.batch_layout,
+                      "remat_policy": (setting["remat_policy"] if setting["gradient_checkpointing"]
+                                       else "none"),
+                      "mesh": dict(zip(sharding_lib.AXES, mesh_shape)),
+                      "logits_chunk_size": setting["logits_chunk_size"],
+                      "error": f"{type(e).__name__}: {str(e)[:500]}", "fits": False}
         else:
             result = verdict(result, target, capacity)
+        result["overrides"] = overrides(config, setting)
         tried.append(result)
         print(format_row(config.plan_target, result), flush=True)
         if result["fits"]:
@@ -302,6 +392,11 @@ def plan(config) -> dict:
     if out["choice"] is None:
         print("Nothing tried fits. What to try next:\n" +
               "\n".join(f"- {step}" for step in out["next_steps"]), flush=True)
+    elif out["choice"]["overrides"]:
+        print("Fits with these overrides (paste them after your command):\n  "
+              + " ".join(out["choice"]["overrides"]), flush=True)
+    else:
+        print("Fits as configured.", flush=True)
     return out
 
 
@@ -312,9 +407,11 @@ def next_steps(config, out: dict) -> list[str]:
                 "memory settings cannot help until one compiles."]
     steps = []
     if not config.plan_search:
-        steps.append("--config.plan_search=True: also tries remat policies (none, dots_saveable, "
-                     "full), logits chunks of 256 and a tensor axis of 2, stopping at the first "
-                     "that fits.")
+        steps.append("--config.plan_search=True: also tries, one after another, full remat, "
+                     "logits chunks of 256, bfloat16 moments, bfloat16 masters (kahan, then "
+                     "stochastic), the optimizer state in host memory, smaller micro-batches with "
+                     "more accumulation and a tensor axis of 2 (the effective batch kept), "
+                     "stopping at the first that fits and printing its overrides.")
     if not config.gradient_checkpointing:
         steps.append("--config.gradient_checkpointing=True (remat_policy full): keeps one "
                      "activation per layer instead of every intermediate.")
@@ -338,9 +435,10 @@ def next_steps(config, out: dict) -> list[str]:
     needed = [r["needed_bytes"] for r in out["tried"] if "needed_bytes" in r]
     if needed:
         steps.append(f"the smallest configuration tried needs {_gib(min(needed))} GiB per device "
-                     f"of {_gib(out['capacity_bytes'])}: the sharded float32 parameters and AdamW "
-                     "state alone are 12 bytes per parameter; lower-memory training modes (bf16 "
-                     "master weights, LoRA) are not in simpo_jax yet.")
+                     f"of {_gib(out['capacity_bytes'])}. Float32 masters with AdamW are 12 bytes "
+                     "per parameter before gradients; the search also tries "
+                     "bfloat16 moments, bfloat16 masters (kahan, stochastic) and the optimizer "
+                     "state in host memory (docs/memory_plans.md).")
     return steps
 
 
@@ -364,14 +462,31 @@ def _gib(b) -> str:
     return f"{b / GIB:.2f}"
 
 
+def memory_label(r: dict) -> str:
+    """Master weights / moments (+ offload) of a result, short."""
+    st = r["setting"]
+    label = {"float32": "f32", "bfloat16_kahan": "bf16 kahan",
+             "bfloat16_stochastic": "bf16 SR"}[st["master_weights"]]
+    label += " / " + {"float32": "f32", "bfloat16": "bf16"}[st["optimizer_state_dtype"]]
+    return label + (" / host" if st["offload_optimizer_state"] else "")
+
+
+def _mesh_text(r: dict, sep: str) -> str:
+    return sep.join(f"{k} {v}" for k, v in r["mesh"].items() if v != 1) or "single"
+
+
 def format_row(target: str, r: dict) -> str:
-    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v != 1) or "single"
-    head = f"{target} remat={r['remat_policy']} mesh={mesh} logits_chunk={r['logits_chunk_size']}"
+    head = (f"{target} {r['batch_layout']} remat={r['remat_policy']} mesh={_mesh_text(r, 'x')} "
+            f"logits_chunk={r['logits_chunk_size']} memory={memory_label(r)} "
+            f"batch={r['setting']['per_device_train_batch_size']}x"
+            f"{r['setting']['gradient_accumulation_steps']}")
     if "error" in r:
         return f"{head}: failed to compile ({r['error'][:200]})"
-    return (f"{head}: params {_gib(r['params_bytes'])} + opt {_gib(r['opt_state_bytes'])} + temp "
-            f"{_gib(r['temp_bytes'])} -> {_gib(r['needed_bytes'])} of {_gib(r['capacity_bytes'])} "
-            f"GiB/device ({r['kind']}), {r['model_flops_per_step'] / 1e12:.0f} model TFLOP/step, "
+    host = f" (+ {_gib(r['host_bytes'])} host)" if r.get("host_bytes") else ""
+    return (f"{head}: params {_gib(r['params_bytes'])} + opt {_gib(r['opt_state_bytes'])}{host} "
+            f"+ temp {_gib(r['temp_bytes'])} -> {_gib(r['needed_bytes'])} of "
+            f"{_gib(r['capacity_bytes'])} GiB/device ({r['kind']}), "
+            f"{r['model_flops_per_step'] / 1e12:.0f} model TFLOP/step, "
             f"compile {r['compile_seconds']}s, fits={'yes' if r['fits'] else 'no'}")
 
 
@@ -379,20 +494,22 @@ def format_table(out: dict) -> str:
     """A Markdown table of every configuration tried (GiB per device)."""
     lines = [f"Plan for {out['model']} on {out['target']} ({out['topology']}), "
              f"{_gib(out['capacity_bytes'])} GiB per device",
-             "| remat | mesh | logits chunk | params | opt state | temp | total | kind "
-             "| model TFLOP/step | compile s | fits |", "|" + "---|" * 11]
+             "| layout | remat | mesh | logits chunk | memory (master / moments) | batch x accum "
+             "| params | opt state | host | temp | total | kind | model TFLOP/step | compile s "
+             "| fits |", "|" + "---|" * 15]
     for r in out["tried"]:
-        mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v != 1)
+        head = (f"| {r['batch_layout']} | {r['remat_policy']} | {_mesh_text(r, ' x ')} "
+                f"| {r['logits_chunk_size']} | {memory_label(r)} "
+                f"| {r['setting']['per_device_train_batch_size']} x "
+                f"{r['setting']['gradient_accumulation_steps']} ")
         if "error" in r:
-            lines.append(f"| {r['remat_policy']} | {mesh} | {r['logits_chunk_size']} | "
-                         f"compile failed: {r['error'][:80]} |||||||| no |")
+            lines.append(head + f"| compile failed: {r['error'][:80]} |||||||| no |")
             continue
         lines.append(
-            f"| {r['remat_policy']} | {mesh} | {r['logits_chunk_size']} "
-            f"| {_gib(r['params_bytes'])} "
-            f"| {_gib(r['opt_state_bytes'])} | {_gib(r['temp_bytes'])} | {_gib(r['needed_bytes'])} "
-            f"| {r['kind']} | {r['model_flops_per_step'] / 1e12:.0f} | {r['compile_seconds']} "
-            f"| {'yes' if r['fits'] else 'no'} |")
+            head + f"| {_gib(r['params_bytes'])} | {_gib(r['opt_state_bytes'])} "
+            f"| {_gib(r.get('host_bytes', 0))} | {_gib(r['temp_bytes'])} "
+            f"| {_gib(r['needed_bytes'])} | {r['kind']} | {r['model_flops_per_step'] / 1e12:.0f} "
+            f"| {r['compile_seconds']} | {'yes' if r['fits'] else 'no'} |")
     return "\n".join(lines)
 
 

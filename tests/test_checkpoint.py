@@ -321,6 +321,29 @@ def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_p
 
 
 @pytest.mark.slow
+def test_resume_under_another_memory_mode_is_refused_and_the_same_mode_resumes(uninterrupted,
+                                                                               tmp_path):
+    # The uninterrupted run has float32 masters and moments (its checkpoint meta says so).
+    out = tmp_path / "modes"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    for field, value in (("optimizer_state_dtype", "bfloat16"),
+                         ("master_weights", "bfloat16_stochastic")):
+        c = tiny_config(out)
+        c.unlock()
+        c[field] = value
+        with pytest.raises(ValueError, match=f"{field}.*float32.*{value}.*cannot be converted"):
+            build.build(c, with_data=False)
+    assert sorted(os.listdir(out / "checkpoints")) == ["10", "20"]  # nothing touched
+    c = tiny_config(out)
+    c.unlock()
+    c.offload_optimizer_state = True  # where the moments live is not part of the state
+    run = build.build(c, with_data=False)
+    assert run.start_step == 20
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(run.state.opt_state)} == {"pinned_host"}
+    run.checkpointer.close()
+
+
+@pytest.mark.slow
 def test_export_mode_loads_in_transformers(uninterrupted, tmp_path):
     import torch
     import transformers

@@ -109,6 +109,20 @@ def test_default_tiny_run_learns_to_copy(tmp_path):
     assert rates[0] <= 0.4 and rates[300] >= 0.75 and rates[300] >= rates[0] + 0.4, rates
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("master_weights", ["bfloat16_kahan", "bfloat16_stochastic"])
+def test_default_tiny_run_learns_in_the_bfloat16_memory_modes(tmp_path, master_weights):
+    from simpo_jax import train
+
+    # The same run as above with bfloat16 masters and moments: the same held-out accuracy.
+    final = train.train(tiny_config(tmp_path, per_device_train_batch_size=2,
+                                    per_device_eval_batch_size=8, num_samples=0,
+                                    master_weights=master_weights,
+                                    optimizer_state_dtype="bfloat16"))
+    accuracy = [r["eval_rewards/accuracies"] for r in read_rows(tmp_path) if "eval_loss" in r]
+    assert accuracy[0] <= 0.6 and final["rewards/accuracies"] >= 0.95, accuracy
+
+
 def test_unknown_config_field_is_one_line_error():
     proc = subprocess.run([sys.executable, "run.py", "--config=configs/tiny.py",
                            "--config.no_such_field=1"], cwd=ROOT, capture_output=True, text=True,

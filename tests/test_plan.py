@@ -81,7 +81,7 @@ def test_a_plan_that_does_not_fit_ends_with_what_to_try(cpu_plan, tmp_path, monk
     for needle in ("--config.plan_search=True", "--config.gradient_checkpointing=True",
                    "--config.logits_chunk_size=256",
                    "--config.per_device_train_batch_size=1 --config.gradient_accumulation_steps=4",
-                   "not in simpo_jax yet"):
+                   "bfloat16 masters"):
         assert needle in tail, needle
     assert json.load(open(tmp_path / "plan.json"))["next_steps"] == out["next_steps"]
     # Already searched, remat and chunked: those lines go; a target with more memory is named.
@@ -123,13 +123,23 @@ def test_verdict_flips_with_tiny_capacity(cpu_plan):
     assert not plan_lib.verdict(dict(r), target, 1024)["fits"]
 
 
-def test_search_tries_the_config_first_then_the_list_without_repeats(tmp_path):
-    c = tiny_config(tmp_path, gradient_checkpointing=True, remat_policy="full", plan_search=True)
+def test_search_tries_the_config_first_then_cumulative_changes_keeping_the_batch(tmp_path):
+    c = tiny_config(tmp_path, plan_search=True, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=2)
     tried = plan_lib.candidates(c)
-    assert tried[0] == ("full", (1, -1, 1), 0)
-    assert len(tried) == len(set(tried)) == len(plan_lib.SEARCH)  # the config's own is in SEARCH
+    assert tried[0] == plan_lib.setting_of(c)
+    assert len({json.dumps(t, sort_keys=True) for t in tried}) == len(tried)  # no repeats
+    devices = 8
+    for t in tried:  # every setting keeps the effective batch (pairs per optimizer step)
+        data_parallel = devices // t["mesh_tensor"]
+        assert (t["per_device_train_batch_size"] * data_parallel * t["gradient_accumulation_steps"]
+                == 4 * devices * 2)
+    last = tried[-1]
+    assert last["master_weights"] == "bfloat16_stochastic" and last["offload_optimizer_state"]
+    assert last["per_device_train_batch_size"] == 1 and last["mesh_tensor"] == 2
+    assert last["gradient_accumulation_steps"] == 2 * 4 * 2
     c.plan_search = False
-    assert plan_lib.candidates(c) == [("full", (1, -1, 1), 0)]
+    assert plan_lib.candidates(c) == [plan_lib.setting_of(c)]
 
 
 def test_shipped_hub_configs_match_public_sizes():
@@ -222,3 +232,46 @@ def test_plan_while_another_process_holds_libtpu(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in last and "lockfile" in last, proc.stderr[-2000:]
+
+
+def _run_plan(tmp_path, *flags):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "run.py", "--config=configs/tiny.py", "--mode=plan",
+                           "--config.plan_target=gpu-h100x1", f"--config.output_dir={tmp_path}",
+                           *flags], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.load(open(tmp_path / "plan.json"))
+
+
+@pytest.mark.slow
+def test_suggested_overrides_pasted_back_plan_as_fitting(tmp_path):
+    # The tiny default on one (estimated) GPU, against a capacity just under its own need: the
+    # search ends with the overrides of a setting that fits; pasted back, that setting fits alone.
+    _, own = _run_plan(tmp_path)
+    (first,) = own["tried"]
+    capacity = f"--config.plan_capacity_gib={0.9 * first['needed_bytes'] / 2**30}"
+    printed, searched = _run_plan(tmp_path, "--config.plan_search=True", capacity)
+    assert not searched["tried"][0]["fits"] and searched["choice"]["overrides"]
+    flags = printed[printed.index("Fits with these overrides"):].splitlines()[1].split()
+    assert flags == searched["choice"]["overrides"]
+    printed, pasted = _run_plan(tmp_path, capacity, *flags)
+    (again,) = pasted["tried"]
+    assert again["fits"] and "Fits as configured." in printed
+    assert again["needed_bytes"] == searched["choice"]["needed_bytes"]
+
+
+@pytest.mark.slow
+def test_plan_compiles_the_configured_layout_and_memory_modes(tmp_path):
+    c = tiny_config(tmp_path, plan_target="gpu-h100x1", batch_layout="packed",
+                    pack_row_length=48, pack_rows_per_device=3, master_weights="bfloat16_kahan",
+                    optimizer_state_dtype="bfloat16", offload_optimizer_state=True)
+    (r,) = plan_lib.plan(c)["tried"]
+    assert r["batch_layout"] == "packed" and r["row_length"] == 48 and r["rows_per_device"] == 3
+    # Global rows x row length tokens: 3 rows x 2 micro-batches on one device.
+    assert r["batch_bytes"] > 3 * 2 * 48 * 4 * 4
+    n = r["num_params"]
+    assert r["params_bytes"] == 2 * n  # bfloat16 masters
+    assert r["opt_state_bytes"] == 0  # moments and compensation in host memory
+    # Two bfloat16 moments and a bfloat16 compensation per parameter, plus counters and a key.
+    assert 3 * 2 * n <= r["host_bytes"] < 3 * 2 * n + 64
