@@ -7,7 +7,9 @@ guide (Orchestra Research, github.com/Orchestra-Research/AI-Research-SKILLs,
 3e-7, per-device batch 1 x accumulation 8, sft_weight 0.1. Ours: beta 10 and gamma_beta_ratio 0.5
 (the SimPO paper's v0.2 instruct settings, github.com/princeton-nlp/SimPO README table), the
 cosine schedule with warmup 0.1, one epoch, max_length 2048 (prompt 1800) of those runs, and
-off-policy HuggingFaceH4/ultrafeedback_binarized pairs.
+off-policy HuggingFaceH4/ultrafeedback_binarized pairs, and the plan target.
+Plan: --mode=plan on tpu-v5p-8 (AOT compile, full remat, fsdp 4): 7.6 params + 15.3 AdamW + 32.5
+temporaries = 55.5 of 95 GiB per chip, fits (a v5e-8's 16 GiB chips do not).
 """
 
 from configs import base
@@ -47,4 +49,5 @@ def get_config():
     c.output_dir = "outputs/qwen3-8b-simpo"
     c.eval_steps = 200
     c.save_steps = 200
+    c.plan_target = "tpu-v5p-8"
     return c
