@@ -204,6 +204,26 @@ def test_low_temperature_sampling_equals_greedy(tmp_path):
     assert len({tuple(r) for r in got}) > 1
 
 
+def test_rows_stop_at_any_of_several_eos_ids(tmp_path):
+    """generation_config.json's eos list (Gemma-2-it: <eos>, <end_of_turn>) stops a row too."""
+    model = hf_causal(tmp_path)
+    greedy = sampling.sample(model, PROMPTS, sampling.row_keys([1] * 4, range(4)),
+                             max_new_tokens=10, eos_token_id=2, pad_token_id=0, temperature=0.0,
+                             top_p=1.0)
+    other = next(t for row in greedy for t in row[1:-1] if t != 2)  # drawn mid-answer somewhere
+    (tmp_path / "policy" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, other]}))
+    tokenizer = type("Tokenizer", (), {"eos_token_id": 2})()
+    stops = generate_lib.stop_token_ids(tokenizer, str(tmp_path / "policy"))
+    assert stops == tuple(sorted({2, other}))
+    got = sampling.sample(model, PROMPTS, sampling.row_keys([1] * 4, range(4)), max_new_tokens=10,
+                          eos_token_id=stops, pad_token_id=0, temperature=0.0, top_p=1.0)
+    for row, ref in zip(got, greedy):
+        ends = [i for i, t in enumerate(ref) if t in stops]
+        assert row == (ref[:ends[0] + 1] if ends else ref)
+    assert got != greedy
+
+
 def test_fixed_seeds_reproduce_samples(tmp_path):
     model = hf_causal(tmp_path)
     run = lambda seeds, rows=None: sampling.sample(

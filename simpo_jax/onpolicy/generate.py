@@ -53,9 +53,27 @@ def _say(message: str) -> None:
 
 # --- The policy ------------------------------------------------------------------------------
 
+def stop_token_ids(tokenizer, model_path: str) -> tuple[int, ...]:
+    """The tokenizer's EOS and generation_config.json's eos_token_id (one id or a list), as
+    transformers' and vLLM's generate stop: instruction-tuned models often end a turn with another
+    token than the tokenizer's EOS (Gemma-2-it: <end_of_turn>; Llama-3-Instruct: <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id} - {None}
+    path = os.path.join(model_path, "generation_config.json") if model_path else ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids |= set([eos] if isinstance(eos, int) else eos or [])
+    if not ids:
+        raise UserError("The policy's tokenizer has no eos_token and its generation_config.json "
+                        "no eos_token_id, so answers would never stop; set eos_token in its "
+                        "tokenizer_config.json.")
+    return tuple(sorted(ids))
+
+
 def load_policy(config, *, checkpoint: bool = True):
-    """(model, tokenizer, mesh, source): the run's latest checkpoint (or config.resume_from) when
-    there is one and `checkpoint`, else model_name_or_path (or model_init)."""
+    """(model, tokenizer, mesh, source, stop ids): the run's latest checkpoint (or
+    config.resume_from) when there is one and `checkpoint`, else model_name_or_path (or
+    model_init)."""
     from simpo_jax import checkpoint as ckpt_lib
 
     steps = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
@@ -66,7 +84,8 @@ def load_policy(config, *, checkpoint: bool = True):
         model = nnx.merge(run.graphdef, run.state.params)
         source = (f"checkpoint {config.resume_from}" if config.resume_from else
                   f"checkpoint {run.checkpointer.directory}/{run.start_step}")
-        return model, run.tokenizer, run.mesh, source
+        stops = stop_token_ids(run.tokenizer, build_lib.pretrained_paths(config)[0])
+        return model, run.tokenizer, run.mesh, source, stops
     sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
                                         config.process_id)
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
@@ -76,13 +95,14 @@ def load_policy(config, *, checkpoint: bool = True):
     tokenizer = data_lib.load_tokenizer(data_config)
     graphdef, params = build_lib.load_params(config, tokenizer, mesh, model_path, weights=True)
     source = config.model_name_or_path or f"model_init (seed {config.model_init_seed})"
-    return nnx.merge(graphdef, params), tokenizer, mesh, source
+    stops = stop_token_ids(tokenizer, model_path)
+    return nnx.merge(graphdef, params), tokenizer, mesh, source, stops
 
 
-def sample_answers(config, model, tokenizer, mesh, prompt_ids: list, seeds: list, salts: list,
-                   progress: str = "") -> list[list[int]]:
+def sample_answers(config, model, tokenizer, mesh, stops, prompt_ids: list, seeds: list,
+                   salts: list, progress: str = "") -> list[list[int]]:
     """New tokens of each row (prompt tokens, seed, salt), batched by prompt length."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     dp = sharding_lib.data_parallel_size(mesh)
     rows = config.generation_per_device_batch_size * dp
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
@@ -95,7 +115,7 @@ def sample_answers(config, model, tokenizer, mesh, prompt_ids: list, seeds: list
         batch = [prompt_ids[i] for i in chunk]
         new = sampling.sample(
             model, batch, keys[chunk], max_new_tokens=config.generation_max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            eos_token_id=stops, pad_token_id=pad,
             temperature=config.generation_temperature, top_p=config.generation_top_p, mesh=mesh,
             prompt_length=reward.bucket(max(len(p) for p in batch)), batch_rows=rows)
         for i, t in zip(chunk, new):
@@ -147,7 +167,7 @@ def shard_path(out_dir: str, kind: str, index: int) -> str:
     return os.path.join(out_dir, "shards", f"{kind}-{index:05d}.jsonl")
 
 
-def sample_shards(config, model, tokenizer, mesh, prompts: list, source: str) -> str:
+def sample_shards(config, model, tokenizer, mesh, stops, prompts: list, source: str) -> str:
     """Samples generation_num_samples answers per prompt into shards; skips shards already there."""
     out_dir = output_dir(config)
     _check_manifest(os.path.join(out_dir, MANIFEST), _manifest(config, source, prompts),
@@ -173,7 +193,7 @@ def sample_shards(config, model, tokenizer, mesh, prompts: list, source: str) ->
         shard = shards[k]
         rows = [(i, j) for i in range(len(shard)) for j in range(n)]
         new = sample_answers(
-            config, model, tokenizer, mesh, [shard[i][1] for i, _ in rows],
+            config, model, tokenizer, mesh, stops, [shard[i][1] for i, _ in rows],
             [config.generation_seeds[j] for _, j in rows],
             [int(shard[i][0]["prompt_id"][:8], 16) for i, _ in rows],
             progress=f" shard {k + 1}/{len(shards)}")
@@ -184,7 +204,7 @@ def sample_shards(config, model, tokenizer, mesh, prompts: list, source: str) ->
                 "prompt_id": p["prompt_id"], "prompt": p["prompt"], "messages": p["messages"],
                 "responses": [tokenizer.decode(t, skip_special_tokens=True) for t in answers],
                 "response_tokens": [len(t) for t in answers],
-                "finished": [tokenizer.eos_token_id in t for t in answers],
+                "finished": [bool(t) and t[-1] in stops for t in answers],
                 "prompt_truncated": truncated})
         if jax.process_index() == 0:
             pairs_lib.write_jsonl(shard_path(out_dir, "generations", k), records)
@@ -289,14 +309,14 @@ def generate(config) -> dict:
     """--mode=generate: sample (resumable), then score and pair when a reward model is set."""
     if config.reward_model_name_or_path:
         check_reward_model(config)
-    model, tokenizer, mesh, source = load_policy(config)
+    model, tokenizer, mesh, source, stops = load_policy(config)
     prompts = prompts_lib.load(config, "train")
     if not prompts:
         raise UserError(f"No prompts in the training split of dataset_mixer "
                         f"{dict(config.dataset_mixer)}: rows need a prompt, instruction, or "
                         "chosen/messages turns.")
     start = time.time()
-    out_dir = sample_shards(config, model, tokenizer, mesh, prompts, source)
+    out_dir = sample_shards(config, model, tokenizer, mesh, stops, prompts, source)
     _say(f"generate: done in {time.time() - start:.1f}s")
     del model
     if not config.reward_model_name_or_path:

@@ -39,11 +39,12 @@ def win_rate(policy_scores, baseline_scores) -> dict:
 
 def _answers(config, prompts, *, checkpoint: bool):
     """(answers, source, tokenizer, mesh) of the policy (checkpoint) or the base model."""
-    model, tokenizer, mesh, source = generate_lib.load_policy(config, checkpoint=checkpoint)
+    model, tokenizer, mesh, source, stops = generate_lib.load_policy(config, checkpoint=checkpoint)
     ids = [prompts_lib.token_ids(tokenizer, p["messages"], config.max_prompt_length,
                                  config.truncation_mode)[0] for p in prompts]
     seed = int(config.generation_seeds[0])
-    new = generate_lib.sample_answers(config, model, tokenizer, mesh, ids, [seed] * len(ids),
+    new = generate_lib.sample_answers(config, model, tokenizer, mesh, stops, ids,
+                                      [seed] * len(ids),
                                       [int(p["prompt_id"][:8], 16) for p in prompts],
                                       progress=" (rm_eval)")
     del model

@@ -90,9 +90,9 @@ def next_tokens(logits_BV, keys_B, step, *, temperature: float, top_p: float):
     return draw(warped, step_keys)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id",
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_ids",
                                              "pad_token_id", "temperature", "top_p"))
-def _sample(state, ids_BT, mask_BT, keys_B, *, graphdef, max_new_tokens, eos_token_id,
+def _sample(state, ids_BT, mask_BT, keys_B, *, graphdef, max_new_tokens, eos_token_ids,
             pad_token_id, temperature, top_p):
     """(new tokens [B, N] padded with pad_token_id after EOS, number of new tokens per row [B])."""
     model = nnx.merge(graphdef, state)
@@ -117,7 +117,7 @@ def _sample(state, ids_BT, mask_BT, keys_B, *, graphdef, max_new_tokens, eos_tok
         i, cache, token, pos, key_valid, key_positions, out, done, lengths = carry
         out = out.at[:, i].set(jnp.where(done, pad_token_id, token))
         lengths = lengths + (~done).astype(jnp.int32)
-        done = done | (token == eos_token_id)
+        done = done | jnp.isin(token, jnp.asarray(eos_token_ids, jnp.int32))
         pos = pos + 1
         slot = t + i
         key_valid = key_valid.at[:, slot].set(True)
@@ -131,6 +131,13 @@ def _sample(state, ids_BT, mask_BT, keys_B, *, graphdef, max_new_tokens, eos_tok
              lengths)
     carry = jax.lax.while_loop(cond, body, carry)
     return carry[6], carry[8]
+
+
+def stop_ids(eos_token_id) -> tuple[int, ...]:
+    """An EOS id or several (generation_config.json's list, e.g. Gemma-2-it's <eos> and
+    <end_of_turn>) as a sorted tuple."""
+    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    return tuple(sorted({int(i) for i in ids}))
 
 
 def row_keys(seeds, salts) -> np.ndarray:
@@ -151,10 +158,12 @@ def left_pad(sequences, pad_id: int, length: int) -> tuple[np.ndarray, np.ndarra
     return ids, mask
 
 
-def sample(model, prompts, keys, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+def sample(model, prompts, keys, *, max_new_tokens: int, eos_token_id, pad_token_id: int,
            temperature: float, top_p: float, mesh=None, prompt_length: int | None = None,
            batch_rows: int | None = None) -> list[list[int]]:
     """New tokens per prompt (EOS kept when drawn, nothing after it), one PRNG key per prompt.
+
+    eos_token_id: one id or several; a row stops at the first of them it draws.
 
     prompt_length pads every prompt to that many tokens (fewer compiled shapes); batch_rows pads
     the batch with dummy rows to that many (a multiple of the mesh's data-parallel size).
@@ -179,7 +188,7 @@ def sample(model, prompts, keys, *, max_new_tokens: int, eos_token_id: int, pad_
             a.shape, sharding_lib.batch_sharding(mesh, a.ndim), lambda idx, a=a: a[idx])
             for a in arrays)
     out, lengths = _sample(state, *arrays, graphdef=graphdef, max_new_tokens=max_new_tokens,
-                           eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           eos_token_ids=stop_ids(eos_token_id), pad_token_id=pad_token_id,
                            temperature=float(temperature), top_p=float(top_p))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
