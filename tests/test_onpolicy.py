@@ -338,6 +338,11 @@ def test_interrupted_generation_resumes_to_the_same_files(tmp_path, monkeypatch)
     monkeypatch.setattr(generate_lib, "sample_answers", real)
     cli.main(cut, "generate")
     assert folder_contents(out) == folder_contents(generate_lib.output_dir(whole))
+    monkeypatch.setattr(generate_lib, "load_policy", None)  # all sampled: the policy stays unloaded
+    os.remove(os.path.join(out, "train.jsonl"))
+    cli.main(cut, "generate")
+    assert folder_contents(out) == folder_contents(generate_lib.output_dir(whole))
+    monkeypatch.undo()
 
     rows = formats.read_file(os.path.join(out, "train.jsonl"))
     assert all(len(r["all_generated_responses"]) == 3 for r in rows)

@@ -70,33 +70,51 @@ def stop_token_ids(tokenizer, model_path: str) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def _checkpoint_steps(config) -> list[int]:
+    from simpo_jax import checkpoint as ckpt_lib
+
+    return ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
+                                 save_total_limit=0).steps()
+
+
+def policy_source(config, *, checkpoint: bool = True) -> str:
+    """What load_policy will load, named without loading it (the generation manifest's policy)."""
+    if checkpoint and config.resume_from:
+        return f"checkpoint {config.resume_from}"
+    steps = _checkpoint_steps(config) if checkpoint else []
+    if steps:
+        return f"checkpoint {os.path.join(config.output_dir, 'checkpoints')}/{steps[-1]}"
+    return config.model_name_or_path or f"model_init (seed {config.model_init_seed})"
+
+
+def load_tokenizer(config):
+    """(tokenizer, model folder or "") of the policy, without its weights."""
+    model_path, tokenizer_path = build_lib.pretrained_paths(config)
+    data_config = dataclasses.replace(data_lib.DataConfig.from_config(config),
+                                      tokenizer_name_or_path=tokenizer_path)
+    return data_lib.load_tokenizer(data_config), model_path
+
+
 def load_policy(config, *, checkpoint: bool = True):
     """(model, tokenizer, mesh, source, stop ids): the run's latest checkpoint (or
     config.resume_from) when there is one and `checkpoint`, else model_name_or_path (or
     model_init)."""
-    from simpo_jax import checkpoint as ckpt_lib
-
-    steps = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
-                                  save_total_limit=0).steps() if checkpoint else []
-    if checkpoint and (steps or config.resume_from):
+    if checkpoint and (_checkpoint_steps(config) or config.resume_from):
         run = build_lib.build(config, with_data=False)
         run.checkpointer.close()
         model = nnx.merge(run.graphdef, run.state.params)
-        source = (f"checkpoint {config.resume_from}" if config.resume_from else
-                  f"checkpoint {run.checkpointer.directory}/{run.start_step}")
+        source = (f"checkpoint {config.resume_from}" if config.resume_from else  # the step
+                  f"checkpoint {run.checkpointer.directory}/{run.start_step}")  # restored
         stops = stop_token_ids(run.tokenizer, build_lib.pretrained_paths(config)[0])
         return model, run.tokenizer, run.mesh, source, stops
     sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
                                         config.process_id)
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
-    model_path, tokenizer_path = build_lib.pretrained_paths(config)
-    data_config = dataclasses.replace(data_lib.DataConfig.from_config(config),
-                                      tokenizer_name_or_path=tokenizer_path)
-    tokenizer = data_lib.load_tokenizer(data_config)
+    tokenizer, model_path = load_tokenizer(config)
     graphdef, params = build_lib.load_params(config, tokenizer, mesh, model_path, weights=True)
-    source = config.model_name_or_path or f"model_init (seed {config.model_init_seed})"
     stops = stop_token_ids(tokenizer, model_path)
-    return nnx.merge(graphdef, params), tokenizer, mesh, source, stops
+    return (nnx.merge(graphdef, params), tokenizer, mesh, policy_source(config, checkpoint=False),
+            stops)
 
 
 def sample_answers(config, model, tokenizer, mesh, stops, prompt_ids: list, seeds: list,
@@ -305,20 +323,42 @@ def check_reward_model(config) -> None:
     reward.load_tokenizer(path, where)
 
 
+def sampled_already(config, prompts: list) -> bool:
+    """Whether every generation shard of these prompts exists, made with these settings."""
+    out_dir = output_dir(config)
+    manifest = os.path.join(out_dir, MANIFEST)
+    shards = -(-len(prompts) // config.generation_shard_prompts)
+    if not os.path.exists(manifest) or not all(
+            os.path.exists(shard_path(out_dir, "generations", k)) for k in range(shards)):
+        return False
+    _check_manifest(manifest, _manifest(config, policy_source(config), prompts), "generations",
+                    "Use another config.generation_output_dir, or delete that folder to sample "
+                    "again.")
+    return True
+
+
 def generate(config) -> dict:
     """--mode=generate: sample (resumable), then score and pair when a reward model is set."""
     if config.reward_model_name_or_path:
         check_reward_model(config)
-    model, tokenizer, mesh, source, stops = load_policy(config)
     prompts = prompts_lib.load(config, "train")
     if not prompts:
         raise UserError(f"No prompts in the training split of dataset_mixer "
                         f"{dict(config.dataset_mixer)}: rows need a prompt, instruction, or "
                         "chosen/messages turns.")
-    start = time.time()
-    out_dir = sample_shards(config, model, tokenizer, mesh, stops, prompts, source)
-    _say(f"generate: done in {time.time() - start:.1f}s")
-    del model
+    out_dir = output_dir(config)
+    if sampled_already(config, prompts):  # e.g. rerun with a reward model: no policy to load
+        _say(f"generate: every shard of {len(prompts)} prompts is in {out_dir} already")
+        sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
+                                            config.process_id)
+        mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
+        tokenizer, _ = load_tokenizer(config)
+    else:
+        model, tokenizer, mesh, source, stops = load_policy(config)
+        start = time.time()
+        sample_shards(config, model, tokenizer, mesh, stops, prompts, source)
+        _say(f"generate: done in {time.time() - start:.1f}s")
+        del model
     if not config.reward_model_name_or_path:
         _say(f"Answers in {out_dir}/shards; set config.reward_model_name_or_path and rerun to "
              "score them and write preference pairs.")
