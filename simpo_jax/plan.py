@@ -75,11 +75,13 @@ SEARCH = (
     {"logits_chunk_size": 256},
     {"optimizer_state_dtype": "bfloat16"},
     {"master_weights": "bfloat16_kahan"},
-    {"master_weights": "bfloat16_stochastic"},
-    {"offload_optimizer_state": True},
+    {"offload_optimizer_state": True},  # moments and Kahan compensation to host memory
     "halve per_device_train_batch_size",  # doubling gradient_accumulation_steps, down to 1
     {"mesh_tensor": 2},  # halves the data-parallel devices: accumulation doubles
 )
+# Not searched: bfloat16_stochastic masters. Once the optimizer state is in host memory they hold
+# the same device bytes as bfloat16_kahan, with more temporaries (the random bits) and noisier
+# updates (Mistral-7B on tpu-v5e-8: docs/memory_plans.md); they help where host memory is short.
 SETTING_FIELDS = ("gradient_checkpointing", "remat_policy", "logits_chunk_size", "master_weights",
                   "optimizer_state_dtype", "offload_optimizer_state", "per_device_train_batch_size",
                   "gradient_accumulation_steps", "mesh_data", "mesh_fsdp", "mesh_tensor")

@@ -135,7 +135,7 @@ def test_search_tries_the_config_first_then_cumulative_changes_keeping_the_batch
         assert (t["per_device_train_batch_size"] * data_parallel * t["gradient_accumulation_steps"]
                 == 4 * devices * 2)
     last = tried[-1]
-    assert last["master_weights"] == "bfloat16_stochastic" and last["offload_optimizer_state"]
+    assert last["master_weights"] == "bfloat16_kahan" and last["offload_optimizer_state"]
     assert last["per_device_train_batch_size"] == 1 and last["mesh_tensor"] == 2
     assert last["gradient_accumulation_steps"] == 2 * 4 * 2
     c.plan_search = False
