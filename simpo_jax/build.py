@@ -23,6 +23,7 @@ from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import config as config_lib
 from simpo_jax import data as data_lib
 from simpo_jax import hub
+from simpo_jax import lora as lora_lib
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
@@ -55,6 +56,12 @@ class Run:
     start_step: int = 0
     restored_meta: dict | None = None  # the meta saved with the checkpoint resumed from
     packing: dict | None = None  # packed layouts: packing_plan(); None for padded batches
+    frozen: object = None  # LoRA: the frozen base's nnx.State (state.params holds the adapters)
+
+    def model(self, params=None):
+        """The model of `params` (default: the state's), with LoRA's frozen base."""
+        params = self.state.params if params is None else params
+        return nnx.merge(self.graphdef, params, *(() if self.frozen is None else (self.frozen,)))
 
 
 def resolve_path(path: str) -> str:
@@ -95,7 +102,9 @@ def load_params(config, tokenizer, mesh, model_path: str, *, weights: bool):
     """(graphdef, params): loaded into their shardings, or abstract when a checkpoint will fill them."""
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     remat = config.remat_policy if config.gradient_checkpointing else "none"
-    kwargs = dict(dtype=dtype, param_dtype=precision.param_dtype(config.master_weights),
+    # A LoRA base is frozen: held in the compute dtype, never updated.
+    kwargs = dict(dtype=dtype, param_dtype=dtype if config.lora_rank else
+                  precision.param_dtype(config.master_weights),
                   remat_policy=remat,
                   attention=config.attention_implementation)
     hf_config = model_config(config, tokenizer, model_path)
@@ -116,7 +125,8 @@ def memory_mode(config) -> dict:
 
 
 # Checkpoint meta fields added after checkpoints existed: their value in those older checkpoints.
-META_DEFAULTS = {"memory": {"master_weights": "float32", "optimizer_state_dtype": "float32"}}
+META_DEFAULTS = {"memory": {"master_weights": "float32", "optimizer_state_dtype": "float32"},
+                 "lora": None}
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -181,7 +191,13 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     checkpointer = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
                                          save_total_limit=config.save_total_limit)
     restoring = bool(checkpointer.steps() or config.resume_from)
-    graphdef, params = load_params(config, tokenizer, mesh, model_path, weights=not restoring)
+    # LoRA: the base is always read from model_name_or_path; a checkpoint holds the adapters.
+    graphdef, params = load_params(config, tokenizer, mesh, model_path,
+                                   weights=not restoring or bool(config.lora_rank))
+    frozen = frozen_sh = None
+    if config.lora_rank:
+        graphdef, params, frozen = add_lora(config, graphdef, params, mesh)
+        frozen_sh = sharding_lib.param_shardings(mesh, frozen)
     tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps,
                                         schedule)
     loss_cfg = loss_lib.LossConfig.from_config(config)
@@ -190,14 +206,18 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         mesh, abstract_state, batch_layout=pack["layout"] if pack else "padded",
         offload_optimizer_state=config.offload_optimizer_state, graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
         accumulation_steps=config.gradient_accumulation_steps,
-        logits_chunk_size=config.logits_chunk_size)
+        logits_chunk_size=config.logits_chunk_size, frozen_shardings=frozen_sh)
     if restoring:
         state = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
     else:
         state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
     del params
     eval_step = step_lib.jit_eval_step(mesh, state_sh.params, graphdef=graphdef, cfg=loss_cfg,
-                                       logits_chunk_size=config.logits_chunk_size)
+                                       logits_chunk_size=config.logits_chunk_size,
+                                       frozen_shardings=frozen_sh)
+    if frozen is not None:
+        train_step = step_lib.BoundFrozen(train_step, frozen)
+        eval_step = step_lib.BoundFrozen(eval_step, frozen)
     meta = {
         "model": json.loads(json.dumps(model_config(config, tokenizer, model_path), default=str)),
         "data_fingerprint": data.fingerprint if data else None,
@@ -206,12 +226,28 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         "seed": config.seed,
         "packing": pack,
         "memory": memory_mode(config),
+        "lora": lora_lib.meta(config, model_path),
     }
     run = Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
-              total_steps, global_batch, eval_batch, checkpointer, meta, packing=pack)
+              total_steps, global_batch, eval_batch, checkpointer, meta, packing=pack,
+              frozen=frozen)
     run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed", "packing",
-                                   "memory") if with_data else ("model", "memory")) if restoring else 0
+                                   "memory", "lora") if with_data else ("model", "memory", "lora")) if restoring else 0
     return run
+
+
+def add_lora(config, graphdef, params, mesh):
+    """(graphdef, adapters, frozen base): adapters (master dtype, seeded by config.seed) added to
+    the loaded model's target projections, sharded as their base weights."""
+    model = nnx.merge(graphdef, params)
+    if model.arch.model_type in lora_lib.UNSUPPORTED_MODEL_TYPES:
+        raise config_lib.UserError(
+            f"config.lora_rank={config.lora_rank}: LoRA is not supported for model_type "
+            f"{model.arch.model_type!r} yet (its PEFT module names differ from ours); set "
+            "lora_rank=0 for full fine-tuning.")
+    lora_lib.add_adapters(model, lora_lib.LoraConfig.from_config(config), mesh=mesh,
+                          seed=config.seed, param_dtype=precision.param_dtype(config.master_weights))
+    return lora_lib.split(model)
 
 
 def packing_plan(config, pairs, data_parallel: int) -> dict:

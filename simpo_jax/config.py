@@ -6,7 +6,7 @@ import difflib
 
 import ml_collections
 
-from simpo_jax import precision
+from simpo_jax import lora, precision
 
 
 class UserError(ValueError):
@@ -90,6 +90,7 @@ def validate(config: ml_collections.ConfigDict, source: str = "") -> None:
         raise UserError(f"config.label_smoothing={config.label_smoothing} does not apply to "
                         "loss_type='hinge': set it to 0.0 or use loss_type='sigmoid'.")
     validate_generation(config)
+    validate_lora(config)
     if config.warmup_ratio > 1:
         raise UserError(f"config.warmup_ratio={config.warmup_ratio}: must be in [0, 1].")
     if config.max_prompt_length >= config.max_length:
@@ -115,6 +116,27 @@ def validate(config: ml_collections.ConfigDict, source: str = "") -> None:
                 0 < amount <= 1 or amount > 1 and float(amount).is_integer()):
             raise UserError(f"config.dataset_mixer[{name!r}]={amount!r}: must be a fraction in (0, 1] "
                             "or a whole row count > 1.")
+
+
+def validate_lora(config: ml_collections.ConfigDict) -> None:
+    """The LoRA fields; lora_rank > 0 turns LoRA on."""
+    rank = config.lora_rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise UserError(f"config.lora_rank={rank!r}: must be an integer >= 0 (0 = full "
+                        "fine-tuning).")
+    if not rank:
+        return
+    if not config.lora_alpha > 0:
+        raise UserError(f"config.lora_alpha={config.lora_alpha!r}: must be > 0 (usually 2 x "
+                        f"lora_rank = {2 * rank}).")
+    if config.lora_dropout != 0.0:
+        raise UserError(f"config.lora_dropout={config.lora_dropout!r}: only 0.0 is implemented "
+                        "(no dropout on the adapters' input); set it to 0.0.")
+    targets = tuple(config.lora_target_modules)
+    bad = [t for t in targets if t not in lora.TARGET_MODULES]
+    if not targets or bad or len(set(targets)) != len(targets):
+        raise UserError(f"config.lora_target_modules={targets}: give distinct names among "
+                        f"{lora.TARGET_MODULES} (embeddings and the LM head are never adapted).")
 
 
 def validate_generation(config: ml_collections.ConfigDict) -> None:

@@ -9,7 +9,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from simpo_jax import data as data_lib
 from simpo_jax import loss as loss_lib
@@ -52,7 +51,7 @@ def write_samples(run: Run, step: int) -> list[dict]:
     prompts = [list(map(int, p)) for p in run.data.eval.prompt_ids[:config.num_samples]]
     if not prompts:
         return []
-    model = nnx.merge(run.graphdef, run.state.params)
+    model = run.model()  # with LoRA, the adapters on the frozen base
     pad = run.data.pad_id
     tokens = generate.greedy_generate(model, prompts, max_new_tokens=config.sample_max_new_tokens,
                                       eos_token_id=run.tokenizer.eos_token_id, pad_token_id=pad)

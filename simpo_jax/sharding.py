@@ -31,6 +31,12 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"layers\..*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", P(None, "tensor", "fsdp")),
     (r"layers\..*(o_proj|down_proj)\.weight$", P(None, "fsdp", "tensor")),
     (r"layers\..*(q_proj|k_proj|v_proj)\.bias$", P(None, "tensor")),
+    # LoRA adapters follow their base weight W [L, out, in]: A [L, r, in] is split along `in` as
+    # W is, B [L, out, r] along `out`; the rank axis is never split.
+    (r"layers\..*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_A$", P(None, None, "fsdp")),
+    (r"layers\..*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_B$", P(None, "tensor", None)),
+    (r"layers\..*(o_proj|down_proj)\.lora_A$", P(None, None, "tensor")),
+    (r"layers\..*(o_proj|down_proj)\.lora_B$", P(None, "fsdp", None)),
     (r"norm", P()),  # RMSNorm weights: small, replicated
     (r".*", P()),
 )

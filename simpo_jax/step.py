@@ -34,8 +34,13 @@ BATCH_LAYOUTS = ("padded",) + packing.LAYOUTS
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # optimizer updates done
-    params: Any  # nnx.State of the model's nnx.Param leaves (float32 master copy)
+    params: Any  # nnx.State of the trained leaves: every nnx.Param, or with LoRA the adapters
     opt_state: Any
+
+
+def with_frozen(params, frozen):
+    """The model's whole state: the trained params plus, with LoRA, the frozen base."""
+    return params if frozen is None else nnx.merge_state(params, frozen)
 
 
 def pair_forward(graphdef, params, batch, cfg: loss_lib.LossConfig, logits_chunk_size: int = 0):
@@ -169,10 +174,12 @@ def denominators(batch):
     return jnp.maximum(num_pairs, 1.0), jnp.maximum(num_tokens, 1.0)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransformation,
-               schedule, cfg: loss_lib.LossConfig, accumulation_steps: int,
-               logits_chunk_size: int = 0, opt_state_memory=None):
+def train_step(state: TrainState, batch, frozen=None, *, graphdef,
+               tx: optax.GradientTransformation, schedule, cfg: loss_lib.LossConfig,
+               accumulation_steps: int, logits_chunk_size: int = 0, opt_state_memory=None):
     """One optimizer update over `accumulation_steps` micro-batches of the global batch.
+
+    frozen: with LoRA, the base model's state (not differentiated, not updated).
 
     Each micro-batch's objective is normalised by the global batch's pair and token counts, so the
     summed gradients equal those of one large batch exactly. Gradients (and the accumulator) have
@@ -182,7 +189,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     num_pairs, num_sft_tokens = denominators(batch)
 
     def objective(params, micro):
-        sums, nll_sum, _ = pair_forward(graphdef, params, micro, cfg, logits_chunk_size)
+        sums, nll_sum, _ = pair_forward(graphdef, with_frozen(params, frozen), micro, cfg,
+                                        logits_chunk_size)
         obj = sums["simpo_loss"] / num_pairs
         if cfg.sft_weight:
             obj = obj + cfg.sft_weight * nll_sum / num_sft_tokens
@@ -227,9 +235,10 @@ def train_step(state: TrainState, batch, *, graphdef, tx: optax.GradientTransfor
     return new_state, metrics
 
 
-def eval_sums(params, batch, *, graphdef, cfg: loss_lib.LossConfig, logits_chunk_size: int = 0):
+def eval_sums(params, batch, frozen=None, *, graphdef, cfg: loss_lib.LossConfig,
+              logits_chunk_size: int = 0):
     """Metric sums of one eval batch; add them up over the split, then `finalize_metrics`."""
-    sums, _, _ = pair_forward(graphdef, params, batch, cfg, logits_chunk_size)
+    sums, _, _ = pair_forward(graphdef, with_frozen(params, frozen), batch, cfg, logits_chunk_size)
     return sums
 
 
@@ -274,18 +283,39 @@ def init_state(params, tx) -> TrainState:
 
 
 def jit_train_step(mesh, abstract_state, batch_layout: str = "padded",
-                   offload_optimizer_state: bool = False, **kwargs):
-    """The train step, jitted once with explicit in/out shardings and the state donated."""
+                   offload_optimizer_state: bool = False, frozen_shardings=None, **kwargs):
+    """The train step, jitted once with explicit in/out shardings and the state donated.
+
+    frozen_shardings (LoRA): the step takes the frozen base as a third argument, never donated.
+    """
     state_sh = state_shardings(mesh, abstract_state, offload=offload_optimizer_state)
     if offload_optimizer_state:
         on_device = _opt_state_shardings(mesh, abstract_state.opt_state, "device")
         kwargs["opt_state_memory"] = (on_device, state_sh.opt_state)
     fn = functools.partial(train_step, **kwargs)
-    return jax.jit(fn, in_shardings=(state_sh, batch_shardings(mesh, batch_layout)),
+    in_sh = (state_sh, batch_shardings(mesh, batch_layout))
+    if frozen_shardings is not None:
+        in_sh += (frozen_shardings,)
+    return jax.jit(fn, in_shardings=in_sh,
                    out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=(0,)), state_sh
 
 
-def jit_eval_step(mesh, param_sh, batch_layout: str = "padded", **kwargs):
+def jit_eval_step(mesh, param_sh, batch_layout: str = "padded", frozen_shardings=None, **kwargs):
     fn = functools.partial(eval_sums, **kwargs)
-    return jax.jit(fn, in_shardings=(param_sh, batch_shardings(mesh, batch_layout)),
-                   out_shardings=sharding_lib.replicated(mesh))
+    in_sh = (param_sh, batch_shardings(mesh, batch_layout))
+    if frozen_shardings is not None:
+        in_sh += (frozen_shardings,)
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=sharding_lib.replicated(mesh))
+
+
+class BoundFrozen:
+    """A jitted step with the frozen base (LoRA) bound as its last argument; `lower` as jit's."""
+
+    def __init__(self, fn, frozen):
+        self.fn, self.frozen = fn, frozen
+
+    def __call__(self, *args):
+        return self.fn(*args, self.frozen)
+
+    def lower(self, *args):
+        return self.fn.lower(*args, self.frozen)

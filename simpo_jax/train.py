@@ -9,13 +9,13 @@ import os
 import time
 
 import jax
-from flax import nnx
 
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import config as config_lib
 from simpo_jax import doctor
 from simpo_jax import flops
 from simpo_jax import hub
+from simpo_jax import lora as lora_lib
 from simpo_jax import models
 from simpo_jax import plots
 from simpo_jax import precision
@@ -151,11 +151,20 @@ def _train(run: Run) -> dict:
 
 
 def export(run: Run, out_dir: str | None = None, eval_metrics: dict | None = None) -> str:
-    """Writes the current parameters as a Hugging Face folder with a model card; pushes if asked."""
+    """Writes the current parameters as a Hugging Face folder with a model card; pushes if asked.
+
+    LoRA: the folder holds the merged model (W + B A alpha/r) and out_dir/adapter a PEFT adapter.
+    """
     config = run.config
     out_dir = out_dir or config.output_dir
-    model = nnx.merge(run.graphdef, precision.master_value(run.state.params, run.state.opt_state,
-                                                           config.master_weights))
+    model = run.model(precision.master_value(run.state.params, run.state.opt_state,
+                                             config.master_weights))
+    if run.frozen is not None:
+        lora_lib.save_adapter(model, os.path.join(out_dir, lora_lib.ADAPTER_DIR),
+                              lora_lib.LoraConfig.from_config(config),
+                              base_model_name_or_path=config.model_name_or_path,
+                              revision=config.revision, dtype=config.export_dtype)
+        lora_lib.merge_adapters(model)
     models.save_pretrained(model, out_dir, tokenizer=run.tokenizer, dtype=config.export_dtype,
                            max_shard_size=config.max_shard_size)
     if jax.process_index() == 0:

@@ -34,12 +34,20 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(_normal(rngs, lead + (out_features, in_features), std, param_dtype))
         self.bias = nnx.Param(jnp.zeros(lead + (out_features,), param_dtype)) if bias else None
         self.dtype = dtype
+        # LoRA adapters (simpo_jax/lora.py): nnx.LoRAParam A [(L,) r, in] and B [(L,) out, r]
+        # (PEFT's lora_A / lora_B layouts); y += (x A^T B^T) * lora_scale.
+        self.lora_A = self.lora_B = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x, preferred_element_type=None):
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype),
                        preferred_element_type=preferred_element_type)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.lora_A is not None:  # as PEFT: base output (bias included) + B(A(x)) * scale
+            h = jnp.einsum("...i,ri->...r", x.astype(self.dtype), self.lora_A[...].astype(self.dtype))
+            y = y + jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype)
+                               ).astype(y.dtype) * jnp.asarray(self.lora_scale, y.dtype)
         return y
 
 
