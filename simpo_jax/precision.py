@@ -41,12 +41,31 @@ def stochastic_round(x, key):
     """float32 -> bfloat16, rounding up with probability (distance to the lower value) / spacing.
 
     Adds 16 random bits below bfloat16's last kept bit of the float32 pattern and truncates: the
-    carry happens exactly that often. Unbiased: E[stochastic_round(x)] = x.
+    carry happens exactly that often. Unbiased: E[stochastic_round(x)] = x. The bits are a
+    counter-based hash (murmur3's finaliser of element index and key), a few integer operations
+    per element: threefry's bits made the bfloat16 modes' update 1.5x slower on CPU.
     """
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
-    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    seed = jax.random.bits(key, (), jnp.uint32)
+    rounded = (bits + (_hash(_index(x.shape), seed) >> 16)) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def _index(shape):
+    """Row-major element index, built from per-axis iotas (partitions like any elementwise op)."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def _hash(x, seed):
+    x = x * jnp.uint32(0x9E3779B1) + seed
+    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
 
 
 def _leaf_keys(key, tree):

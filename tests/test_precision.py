@@ -113,14 +113,17 @@ def test_memory_mode_updates_match_float32(reference, master_weights, state_dtyp
     start, end, losses, _ = train(tx, precision.param_dtype(master_weights), master_weights,
                                   offload=offload)
     delta = flat(end) - flat(start)
-    # Every mode keeps the float32 update's direction and size within 2%.
-    assert along_reference(delta, ref) == pytest.approx(1.0, abs=0.02)
     if master_weights != "bfloat16_stochastic":
-        # Deterministic stores: each weight's own update within 2% (as a whole).
+        # Deterministic stores: each weight's own update within 2% (as a whole), so also the
+        # update's direction and size.
         assert relative_error(delta, ref) < 0.02
+        assert along_reference(delta, ref) == pytest.approx(1.0, abs=0.02)
     else:
-        # Stochastic rounding moves single weights by whole bfloat16 steps at random (by design):
-        # what it keeps is the expectation, checked above along the float32 update.
+        # Stochastic rounding moves single weights by whole bfloat16 steps at random (by design),
+        # about 8x the float32 update here; what it keeps is the expectation. Along the float32
+        # update it measured 1.087, 1.017, 0.967, 0.968 for seeds 0-3 (the spread is that noise
+        # over ~1e5 weights); plain bfloat16 keeps 0.005 (test above).
+        assert along_reference(delta, ref) == pytest.approx(1.0, abs=0.15)
         assert relative_error(delta, ref) < 20
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
 
