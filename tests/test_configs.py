@@ -16,7 +16,8 @@ from simpo_jax.data import DataConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                if not p.endswith("__init__.py"))
-RECIPES = {"mistral7b", "llama3_8b_instruct", "gemma2_9b", "deepseek_math_7b", "zephyr7b"}
+RECIPES = {"mistral7b", "llama3_8b_instruct", "gemma2_9b", "deepseek_math_7b", "zephyr7b",
+           "gemma3_12b_it", "llama31_8b_instruct", "qwen3_8b", "phi4_mini"}
 
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "llama-3-8b-instruct-simpo.yaml")
