@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from simpo_jax import config as config_lib
 from simpo_jax import lora
@@ -27,6 +27,7 @@ SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
              num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
              tie_word_embeddings=False)
 FAMILIES = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=lora.TARGET_MODULES)
 
 
@@ -212,7 +213,7 @@ def test_tiny_lora_run_learns_and_exports_both_ways(lora_run):
     assert accuracy[0] <= 0.6 and accuracy[-1] >= 0.8, accuracy
 
     # The merged export changed exactly the adapted projections; every other tensor is the base's.
-    base_dir = os.path.join(config_lib.__file__.rsplit("/simpo_jax/", 1)[0], "assets/tiny_sft")
+    base_dir = os.path.join(ROOT, "assets/tiny_sft")
     base, merged = (load_file(os.path.join(d, "model.safetensors")) for d in (base_dir, out))
     assert base.keys() == merged.keys()
     for key in base:
@@ -250,8 +251,18 @@ def test_lora_resume_is_exact_and_refuses_other_lora_settings(lora_run, tmp_path
     resumed = tmp_path / "run"
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "40")
-    with pytest.raises(config_lib.UserError, match="lora"):
-        build_lib.build(tiny_config(resumed, lora_rank=4, lora_alpha=8.0), with_data=False)
+    # Same shapes, another scale: only the checkpoint's meta can tell.
+    with pytest.raises(config_lib.UserError, match="different lora"):
+        build_lib.build(tiny_config(resumed, lora_alpha=32.0), with_data=False)
+    # Same config.json, other weights: the base's fingerprint tells.
+    other_base = tmp_path / "other_base"
+    shutil.copytree(os.path.join(ROOT, "assets/tiny_sft"), other_base)
+    tensors = load_file(str(other_base / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors[key] = tensors[key] + np.float32(1e-3)
+    save_file(tensors, str(other_base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(config_lib.UserError, match="different lora"):
+        build_lib.build(tiny_config(resumed, model_name_or_path=str(other_base)), with_data=False)
     train.train(tiny_config(resumed))
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
