@@ -14,6 +14,8 @@ import math
 GUIDE = "SimPO Hyperparameters guide"
 LOSS_GUIDE = "SimPO Loss Functions guide, Debugging"
 ISSUES = "SimPO skill, Common issues"
+TUNING = "Hyperparameter Tuning guide"  # for SFT, DPO and RLHF: LoRA learning rates, rank, alpha
+LORA_LR_FACTOR = 10  # the tuning guide: LoRA rates are ~10x full fine-tuning rates
 
 # The guide's rows by model size, in parameters. A row "7B-8B" covers models called 7B or 8B:
 # a name rounds the count to whole billions, so a 7B-class model has 6.5e9-7.5e9 parameters
@@ -73,13 +75,32 @@ def config_warnings(config, *, num_params: int | None, effective_batch: int) -> 
         out.append(f"sft_weight={config.sft_weight} is above 0.2: strong capability preservation "
                    f"but weaker preference alignment (guide: 0 base, 0.05-0.1 instruct, 0.1-0.2 "
                    f"chat models) ({GUIDE}).")
+    rank = config.lora_rank
+    if rank and config.lora_alpha != 2 * rank:
+        out.append(f"lora_alpha={config.lora_alpha:g} with lora_rank={rank}: the standard is "
+                   f"alpha = 2 x rank = {2 * rank} ({TUNING}, 'LoRA: Rank and Alpha').")
     row = size_row(num_params)
     if row:
-        name, _, _, (_, max_lr), batch = row
-        if config.learning_rate > max_lr:
+        name, _, _, (min_lr, max_lr), batch = row
+        lora_lr = tuple(float(f"{LORA_LR_FACTOR * x:.6g}") for x in (min_lr, max_lr))  # 5e-6, not 5.000000000000001e-06
+        if rank and config.learning_rate < lora_lr[0]:
+            out.append(f"learning_rate={config.learning_rate:g} with lora_rank={rank} is a "
+                       f"full-fine-tuning rate: LoRA rates are ~{LORA_LR_FACTOR}x higher, "
+                       f"{lora_lr[0]:g} to {lora_lr[1]:g} for {name} models ({GUIDE} x "
+                       f"{LORA_LR_FACTOR}, {TUNING}, 'Not Scaling LR for LoRA').")
+        elif rank and config.learning_rate > lora_lr[1]:
+            out.append(f"learning_rate={config.learning_rate:g} is above {LORA_LR_FACTOR}x the "
+                       f"guide's row for {name} models, the LoRA range (at most {lora_lr[1]:g}): "
+                       f"risk of divergence ({GUIDE} x {LORA_LR_FACTOR}, {TUNING}).")
+        elif not rank and config.learning_rate > max_lr:
             out.append(f"learning_rate={config.learning_rate:g} is above the guide's row for "
                        f"{name} models (at most {max_lr:g}; {num_params / 1e9:.1f}B parameters here): "
                        f"risk of divergence and forgetting ({GUIDE}).")
+            if config.learning_rate >= lora_lr[0]:
+                out.append(f"learning_rate={config.learning_rate:g} is a LoRA rate (~"
+                           f"{LORA_LR_FACTOR}x full fine-tuning's) but lora_rank=0 trains every "
+                           f"weight: lower it to {min_lr:g}-{max_lr:g}, or set lora_rank "
+                           f"({TUNING}).")
         if batch and (effective_batch < batch[0] / 2 or effective_batch > batch[1] * 2):
             out.append(
                 f"effective batch {effective_batch} pairs (per_device_train_batch_size x "

@@ -33,7 +33,8 @@ def check_finite(step: int, metrics: dict, advisor: doctor.Advisor) -> None:
 
 def start_doctor(run: Run) -> doctor.Advisor:
     """Prints the config warnings; an Advisor that remembers advice given before a resume."""
-    num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
+    # The model's size (with LoRA, the frozen base too): the guides' rows are by model size.
+    num_params = sum(x.size for x in jax.tree.leaves((run.state.params, run.frozen)))
     for warning in doctor.config_warnings(run.config, num_params=num_params,
                                           effective_batch=run.global_batch):
         log.warning("doctor: %s", warning)

@@ -269,3 +269,22 @@ def test_lora_resume_is_exact_and_refuses_other_lora_settings(lora_run, tmp_path
     assert a.keys() == b.keys()
     for key in a:
         assert np.array_equal(a[key], b[key]), key
+
+
+def test_doctor_knows_lora_rates_and_alpha():
+    from simpo_jax import doctor
+    from tests.test_doctor import base_config
+
+    def warnings(**overrides):
+        return " | ".join(doctor.config_warnings(base_config(**overrides), num_params=7.24e9,
+                                                 effective_batch=128))
+
+    recipe = __import__("configs.mistral7b_lora", fromlist=["get_config"]).get_config()
+    config_lib.validate(recipe)
+    assert doctor.config_warnings(recipe, num_params=7.24e9, effective_batch=128) == []
+    # A full-fine-tuning rate with LoRA, and a LoRA rate without it.
+    assert "full-fine-tuning rate" in warnings(lora_rank=16, lora_alpha=32.0, learning_rate=5e-7)
+    assert "is a LoRA rate" in warnings(learning_rate=5e-6)
+    assert "above 10x" in warnings(lora_rank=16, lora_alpha=32.0, learning_rate=1e-4)
+    assert "alpha = 2 x rank = 32" in warnings(lora_rank=16, lora_alpha=16.0, learning_rate=5e-6)
+    assert warnings(learning_rate=5e-7) == ""
