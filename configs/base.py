@@ -137,9 +137,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_find_steps = 200  # real SimPO steps in the sweep
 
     # --- Ahead-of-time memory plan (--mode=plan) -------------------------------------------------
-    c.plan_target = "tpu-v5e-8"  # tpu-v5e-8 | tpu-v5p-8 | tpu-v5p-32 | tpu-v5p-64 | tpu-v4-32 | tpu-v6e-8 | gpu-h100x8
+    # tpu-v5e-8 | tpu-v5p-8 | tpu-v5p-32 | tpu-v5p-64 | tpu-v4-32 | tpu-v6e-8 (compiled);
+    # gpu-h100x8 | gpu-h100x1 | gpu-a100x1 (estimates)
+    c.plan_target = "tpu-v5e-8"
     c.plan_capacity_gib = 0.0  # memory per device to plan against; 0 = the target's own
-    c.plan_search = False  # try remat policies and mesh shapes until one fits
+    c.plan_search = False  # try plan.SEARCH (memory modes, micro-batches, mesh) until one fits
+    # GPU targets' estimate: tpu = the TPU compiler for v5p chips (libtpu; bf16-native like a GPU,
+    # reports real buffers) | cpu = simulated CPU devices (upcasts bf16: overstates temporaries)
+    # next to an analytic count, the larger deciding
+    c.plan_gpu_compiler = "tpu"
 
     # --- On-policy data (--mode=generate) and reward-model judging (--mode=rm_eval) ---------------
     # Sampling as princeton-nlp/SimPO on_policy_data_gen/decode.py: one answer per seed per prompt.

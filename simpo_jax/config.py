@@ -30,6 +30,7 @@ CHOICES = {
     "rm_eval_baseline": ("model", "chosen"),
     "master_weights": precision.MASTER_WEIGHTS,
     "optimizer_state_dtype": precision.STATE_DTYPES,
+    "plan_gpu_compiler": ("tpu", "cpu"),
 }
 POSITIVE = ("beta", "learning_rate", "max_length", "max_prompt_length", "per_device_train_batch_size",
             "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",

@@ -45,6 +45,7 @@ class Target:
     topology: str  # libtpu topology name; "" for GPU
     chip_gib: float  # memory per chip
     num_chips: int
+    proxy: str = ""  # GPU targets: the libtpu topology whose first num_chips chips stand in
 
 
 TARGETS = {
@@ -54,9 +55,12 @@ TARGETS = {
     "tpu-v5p-64": Target("tpu", "v5p:2x4x4", 95, 32),
     "tpu-v4-32": Target("tpu", "v4:2x2x4", 32, 16),  # 16 chips; libtpu exposes 2 cores per chip
     "tpu-v6e-8": Target("tpu", "v6e:2x4", 32, 8),
-    "gpu-h100x8": Target("gpu", "", 80, 8),
-    "gpu-h100x1": Target("gpu", "", 80, 1),
-    "gpu-a100x1": Target("gpu", "", 40, 1),
+    # GPU targets are estimates: by default the TPU compiler for v5p chips (95 GiB each, so the
+    # compiler accepts what an 80 GB GPU could hold and reports its real buffers), else
+    # (plan_gpu_compiler="cpu") simulated CPU devices next to an analytic count.
+    "gpu-h100x8": Target("gpu", "", 80, 8, proxy="v5p:2x2x2"),
+    "gpu-h100x1": Target("gpu", "", 80, 1, proxy="v5p:2x2x1"),
+    "gpu-a100x1": Target("gpu", "", 40, 1, proxy="v5p:2x2x1"),
 }
 
 # Words of libtpu's refusal when another process holds its lockfile: the ABORTED message ("...
@@ -108,18 +112,34 @@ def hf_config_of(config) -> dict:
     return config.model_init.to_dict()
 
 
-def target_devices(target: Target) -> list:
-    """Devices to compile for: the TPU topology's (no chips needed) or num_chips CPU devices."""
+def uses_tpu_compiler(target: Target, config) -> bool:
+    """TPU targets, and GPU targets estimated by the TPU compiler (plan_gpu_compiler="tpu")."""
     if target.platform == "tpu":
-        from jax.experimental import topologies
+        return True
+    import importlib.util
 
-        try:
-            topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
-        except Exception as e:  # jax.errors.JaxRuntimeError from libtpu's start
-            if any(word in str(e) for word in LIBTPU_LOCKED):
-                raise config_lib.UserError(LIBTPU_LOCKED_MESSAGE) from None
-            raise
-        return list(topology.devices)
+    return config.plan_gpu_compiler == "tpu" and importlib.util.find_spec("libtpu") is not None
+
+
+def _tpu_devices(topology_name: str) -> list:
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
+    except Exception as e:  # jax.errors.JaxRuntimeError from libtpu's start
+        if any(word in str(e) for word in LIBTPU_LOCKED):
+            raise config_lib.UserError(LIBTPU_LOCKED_MESSAGE) from None
+        raise
+    return list(topology.devices)
+
+
+def target_devices(target: Target, tpu_compiler: bool = True) -> list:
+    """Devices to compile for: the TPU topology's (no chips needed; a GPU target's stand-in
+    chips when tpu_compiler) or num_chips CPU devices."""
+    if target.platform == "tpu":
+        return _tpu_devices(target.topology)
+    if tpu_compiler:
+        return _tpu_devices(target.proxy)[:target.num_chips]
     cpus = jax.devices("cpu")
     if len(cpus) < target.num_chips:
         raise RuntimeError(
@@ -280,6 +300,10 @@ def verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
     if target.platform == "tpu":
         result["kind"] = "compiled (out of memory)" if result["out_of_memory"] else "compiled"
         needed = result["total_bytes"]
+    elif result.get("compiler") == "tpu":
+        result["kind"] = "estimate (TPU compiler" + (", out of memory)" if result["out_of_memory"]
+                                                      else ")")
+        needed = result["total_bytes"]
     else:
         # Params, optimizer, gradients (and an accumulator) in the parameters' dtype are exact;
         # activations analytic.
@@ -351,9 +375,10 @@ def plan(config) -> dict:
         raise config_lib.UserError(f"plan_target={config.plan_target!r}: must be one of {sorted(TARGETS)}.")
     target = TARGETS[config.plan_target]
     hf_config = hf_config_of(config)
-    if target.platform == "gpu" and len(jax.devices("cpu")) < target.num_chips:
+    tpu_compiler = uses_tpu_compiler(target, config)
+    if not tpu_compiler and len(jax.devices("cpu")) < target.num_chips:
         return _plan_in_subprocess(config, target.num_chips)
-    devices = target_devices(target)
+    devices = target_devices(target, tpu_compiler)
     capacity = (int(config.plan_capacity_gib * GIB) if config.plan_capacity_gib > 0
                 else capacity_per_device(target, devices))
     tried = []
@@ -374,6 +399,7 @@ def plan(config) -> dict:
                       "logits_chunk_size": setting["logits_chunk_size"],
                       "error": f"{type(e).__name__}: {str(e)[:500]}", "fits": False}
         else:
+            result["compiler"] = "tpu" if tpu_compiler else "cpu"
             result = verdict(result, target, capacity)
         result["overrides"] = overrides(config, setting)
         tried.append(result)
@@ -381,7 +407,9 @@ def plan(config) -> dict:
         if result["fits"]:
             break
     out = {"target": config.plan_target, "platform": target.platform,
-           "topology": target.topology or f"{target.num_chips} simulated CPU devices",
+           "topology": target.topology or (
+               f"{target.num_chips} chip(s) of {target.proxy} through the TPU compiler"
+               if tpu_compiler else f"{target.num_chips} simulated CPU devices"),
            "model": config.model_name_or_path or "model_init", "capacity_bytes": capacity,
            "tried": tried, "choice": next((r for r in tried if r["fits"]), None)}
     if out["choice"] is None:

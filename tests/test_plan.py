@@ -21,6 +21,7 @@ TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_siz
 def tiny_config(tmp_path, **overrides):
     c = base.get_config()
     c.plan_target = "gpu-h100x8"  # the estimate path, on conftest's 8 CPU devices
+    c.plan_gpu_compiler = "cpu"
     c.model_init = TINY
     c.output_dir = str(tmp_path)
     c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_length = 1, 2, 32
@@ -238,7 +239,8 @@ def _run_plan(tmp_path, *flags):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "run.py", "--config=configs/tiny.py", "--mode=plan",
-                           "--config.plan_target=gpu-h100x1", f"--config.output_dir={tmp_path}",
+                           "--config.plan_target=gpu-h100x1", "--config.plan_gpu_compiler=cpu",
+                           f"--config.output_dir={tmp_path}",
                            *flags], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.load(open(tmp_path / "plan.json"))
