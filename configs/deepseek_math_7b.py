@@ -7,6 +7,12 @@ beta 5.0, gamma_beta_ratio 0.7, lr 3e-7, sft_weight 0, per-device batch 1 x accu
 its Hyperparameters guide's math row (lr 3e-7, "careful optimization"). The SimPO repository
 (github.com/princeton-nlp/SimPO) publishes no math recipe; its README recommends a smaller
 learning rate (e.g. 5e-7) for reasoning-intensive domains such as math.
+Memory: as written (float32 masters and AdamW moments) this needs 80-95 GiB chips (tpu-v5p-8);
+on a TPU v5e-8 add (planned by the TPU compiler at 10.22 of 16 GiB per chip, the same effective batch;
+docs/memory_plans.md):
+  --config.master_weights=bfloat16_kahan --config.optimizer_state_dtype=bfloat16
+  --config.offload_optimizer_state=True --config.per_device_train_batch_size=1
+  --config.gradient_accumulation_steps=16
 """
 
 from configs import base

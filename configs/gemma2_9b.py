@@ -9,6 +9,12 @@ SimPO paper's Gemma run (github.com/princeton-nlp/SimPO, training_configs/gemma-
 and the README's table, checked at commit 1b3e8f3), which also used learning_rate 8e-7, a cosine
 schedule, warmup 0.1, max_length 2048 (prompt 1800), princeton-nlp/gemma2-ultrafeedback-armorm
 and per-device batch 2 x accumulation 16 on 4 GPUs (128).
+Memory: as written (float32 masters and AdamW moments) this needs 80-95 GiB chips (tpu-v5p-8);
+on a TPU v5e-8 add (planned by the TPU compiler at 13.85 of 16 GiB per chip, the same effective batch;
+docs/memory_plans.md):
+  --config.master_weights=bfloat16_kahan --config.optimizer_state_dtype=bfloat16
+  --config.offload_optimizer_state=True --config.per_device_train_batch_size=1
+  --config.gradient_accumulation_steps=8
 """
 
 from configs import base

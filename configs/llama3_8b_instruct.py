@@ -12,6 +12,12 @@ training_configs/llama-3-8b-instruct-simpo.yaml and the README's table, checked 
 gamma_beta_ratio 0.55, learning_rate 1e-6, cosine, warmup 0.1, max_length 2048 (prompt 1800),
 per-device batch 2 x accumulation 16 on 4 GPUs (128); its v0.2 (llama-3-8b-instruct-simpo-v2.yaml,
 princeton-nlp/llama3-ultrafeedback-armorm) beta 10, gamma_beta_ratio 0.3, learning_rate 1e-6.
+Memory: as written (float32 masters and AdamW moments) this needs 80-95 GiB chips (tpu-v5p-8);
+on a TPU v5e-8 add (planned by the TPU compiler at 12.03 of 16 GiB per chip, the same effective batch;
+docs/memory_plans.md):
+  --config.master_weights=bfloat16_kahan --config.optimizer_state_dtype=bfloat16
+  --config.offload_optimizer_state=True --config.per_device_train_batch_size=1
+  --config.gradient_accumulation_steps=8
 """
 
 from configs import base

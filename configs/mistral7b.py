@@ -10,6 +10,12 @@ training_configs/mistral-7b-base-simpo.yaml and the README's hyperparameter tabl
 commit 1b3e8f3): it starts from the SFT model alignment-handbook/zephyr-7b-sft-full, with beta
 2.0, gamma_beta_ratio 0.8, learning_rate 3e-7, cosine, warmup 0.1, max_length 1024 (prompt 512),
 per-device batch 2 x accumulation 16 on 4 GPUs (a total batch of 128).
+Memory: as written (float32 masters and AdamW moments) this needs 80-95 GiB chips (tpu-v5p-8);
+on a TPU v5e-8 add (planned by the TPU compiler at 12.19 of 16 GiB per chip, the same effective batch;
+docs/memory_plans.md):
+  --config.master_weights=bfloat16_kahan --config.optimizer_state_dtype=bfloat16
+  --config.offload_optimizer_state=True --config.per_device_train_batch_size=1
+  --config.gradient_accumulation_steps=8
 """
 
 from configs import base

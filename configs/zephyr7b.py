@@ -5,6 +5,12 @@ Source: the Hyperparameters guide of the SimPO training skill (Orchestra Researc
 github.com/Orchestra-Research/AI-Research-SKILLs, 06-post-training/simpo): the SFT-weight table's
 chat-model row (HuggingFaceH4/zephyr-7b-beta, sft_weight 0.2) on top of the 7B standard recipe
 (configs/mistral7b.py: lr 5e-7, beta 2.0, gamma_beta_ratio 0.5, batch 2 x 4, cosine, warmup 0.1).
+Memory: as written (float32 masters and AdamW moments) this needs 80-95 GiB chips (tpu-v5p-8);
+on a TPU v5e-8 add (planned by the TPU compiler at 11.93 of 16 GiB per chip, the same effective batch;
+docs/memory_plans.md):
+  --config.master_weights=bfloat16_kahan --config.optimizer_state_dtype=bfloat16
+  --config.offload_optimizer_state=True --config.per_device_train_batch_size=1
+  --config.gradient_accumulation_steps=8
 """
 
 from configs import mistral7b
