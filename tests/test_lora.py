@@ -202,7 +202,7 @@ def lora_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tiny_lora_run_learns_and_exports_both_ways(lora_run):
+def test_tiny_lora_run_learns_and_exports_both_ways(lora_run, tmp_path):
     peft = pytest.importorskip("peft")
     from tests.test_e2e import read_rows
 
@@ -228,6 +228,14 @@ def test_tiny_lora_run_learns_and_exports_both_ways(lora_run):
     hf_merged = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert max_error(torch_logits(with_adapter, ids, mask), torch_logits(hf_merged, ids, mask),
                      mask) < 1e-4
+
+    # --mode=export of the last checkpoint (the base re-read from assets/tiny_sft) writes the same.
+    from simpo_jax import train
+
+    again = train.export_checkpoint(tiny_config(out, export_dir=str(tmp_path / "export")))
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(out / name)), load_file(os.path.join(again, name))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
 
     # Checkpoints hold the adapters and their optimizer state only (orbax's tree metadata).
     state_dir = out / "checkpoints" / "40" / "state"
