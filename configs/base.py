@@ -37,13 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer_state_dtype = "float32"  # AdamW moments: float32 | bfloat16 (stochastically rounded)
     c.offload_optimizer_state = False  # AdamW moments in host memory (pinned_host), streamed in for the update
 
-    # --- LoRA (README "LoRA"): lora_rank > 0 trains W + (lora_alpha / lora_rank) B A ---------------
-    # on the target projections of every decoder layer, B starting at zero (step 0 = the base
-    # model). The base is frozen, held in the compute dtype, never in the optimizer state or the
-    # checkpoints (re-read from model_name_or_path); the export is the merged model plus a PEFT
-    # adapter in output_dir/adapter. LoRA learning rates are ~10x full fine-tuning rates.
+    # --- LoRA (README "LoRA") -----------------------------------------------------------------
+    # lora_rank > 0 trains W + (lora_alpha / lora_rank) B A on the target projections of every
+    # decoder layer, B starting at zero (step 0 = the base model). The base is frozen, held in the
+    # compute dtype, never in the optimizer state or the checkpoints (re-read from
+    # model_name_or_path); the export is the merged model plus a PEFT adapter in
+    # output_dir/adapter. LoRA learning rates are ~10x full fine-tuning rates.
     c.lora_rank = 0  # r of every adapter; 0 = full fine-tuning
-    c.lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank; usually 2 x rank
+    c.lora_alpha = 16.0  # adapters' output scale lora_alpha / lora_rank; usually 2 x rank
     c.lora_dropout = 0.0  # only 0.0 is implemented
     # Hugging Face module names inside a decoder layer; embeddings and the LM head never.
     c.lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

@@ -232,7 +232,8 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
               total_steps, global_batch, eval_batch, checkpointer, meta, packing=pack,
               frozen=frozen)
     run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed", "packing",
-                                   "memory", "lora") if with_data else ("model", "memory", "lora")) if restoring else 0
+                                   "memory", "lora") if with_data else ("model", "memory", "lora")
+                            ) if restoring else 0
     return run
 
 
@@ -246,7 +247,8 @@ def add_lora(config, graphdef, params, mesh):
             f"{model.arch.model_type!r} yet (its PEFT module names differ from ours); set "
             "lora_rank=0 for full fine-tuning.")
     lora_lib.add_adapters(model, lora_lib.LoraConfig.from_config(config), mesh=mesh,
-                          seed=config.seed, param_dtype=precision.param_dtype(config.master_weights))
+                          seed=config.seed,
+                          param_dtype=precision.param_dtype(config.master_weights))
     return lora_lib.split(model)
 
 

@@ -82,7 +82,8 @@ def config_warnings(config, *, num_params: int | None, effective_batch: int) -> 
     row = size_row(num_params)
     if row:
         name, _, _, (min_lr, max_lr), batch = row
-        lora_lr = tuple(float(f"{LORA_LR_FACTOR * x:.6g}") for x in (min_lr, max_lr))  # 5e-6, not 5.000000000000001e-06
+        # Rounded: 10 x 5e-7 is 5.000000000000001e-06 in floating point, above a rate of 5e-6.
+        lora_lr = tuple(float(f"{LORA_LR_FACTOR * x:.6g}") for x in (min_lr, max_lr))
         if rank and config.learning_rate < lora_lr[0]:
             out.append(f"learning_rate={config.learning_rate:g} with lora_rank={rank} is a "
                        f"full-fine-tuning rate: LoRA rates are ~{LORA_LR_FACTOR}x higher, "

@@ -85,7 +85,8 @@ def add_adapters(model, cfg: LoraConfig, *, mesh=None, seed: int = 0,
         arrays = init()
     else:
         shapes = jax.eval_shape(init)
-        shardings = [tuple(NamedSharding(mesh, sharding_lib.spec_for(f"{path}.{name}", x.shape, mesh))
+        shardings = [tuple(NamedSharding(mesh, sharding_lib.spec_for(f"{path}.{name}", x.shape,
+                                                                     mesh))
                            for name, x in zip(("lora_A", "lora_B"), ab))
                      for (path, _), ab in zip(found, shapes)]
         arrays = jax.jit(init, out_shardings=shardings)()

@@ -98,8 +98,9 @@ def test_peft_adapter_and_merged_export_match_transformers_logits(tmp_path, fami
     assert (config["r"], config["lora_alpha"], config["peft_type"], config["task_type"]) == (
         4, 8, "LORA", "CAUSAL_LM")
     tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
-    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
-    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)
+    layer = "base_model.model.model.layers.1"
+    assert tensors[f"{layer}.self_attn.q_proj.lora_A.weight"].shape == (4, 32)  # [r, in]
+    assert tensors[f"{layer}.mlp.down_proj.lora_B.weight"].shape == (32, 4)  # [out, r]
     assert len(tensors) == 2 * 7 * 2
     peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
     assert max_error(torch_logits(peft_model, ids, mask), ours, mask) < 1e-4

@@ -45,7 +45,8 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.lora_A is not None:  # as PEFT: base output (bias included) + B(A(x)) * scale
-            h = jnp.einsum("...i,ri->...r", x.astype(self.dtype), self.lora_A[...].astype(self.dtype))
+            h = jnp.einsum("...i,ri->...r", x.astype(self.dtype),
+                           self.lora_A[...].astype(self.dtype))
             y = y + jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype)
                                ).astype(y.dtype) * jnp.asarray(self.lora_scale, y.dtype)
         return y
