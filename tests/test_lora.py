@@ -2,6 +2,7 @@
 export) with the same logits; step 0 is the base; the base never changes; sharded gradients equal
 one device's; a tiny LoRA run learns and resumes exactly."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -44,6 +45,8 @@ def random_b(model, seed=1):
     """Nonzero B everywhere, so the adapters change the logits (B = 0 would test nothing)."""
     rng = np.random.default_rng(seed)
     for _, linear in lora.targets(model, lora.TARGET_MODULES):
+        if linear.lora_B is None:
+            continue
         shape = linear.lora_B.shape
         linear.lora_B = nnx.LoRAParam(jnp.asarray(rng.normal(0, 0.2, shape), jnp.float32))
 
@@ -80,28 +83,31 @@ def test_step0_lora_model_equals_base_exactly(tmp_path):
     assert np.array_equal(np.asarray(model(ids, mask)), base)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_peft_adapter_and_merged_export_match_transformers_logits(tmp_path, family):
+@pytest.mark.parametrize("family,targets", [("llama", lora.TARGET_MODULES),
+                                             ("qwen2", lora.TARGET_MODULES),
+                                             ("llama", ("v_proj", "q_proj", "down_proj"))])
+def test_peft_adapter_and_merged_export_match_transformers_logits(tmp_path, family, targets):
     peft = pytest.importorskip("peft")
     path = hf_folder(tmp_path, family)
     ids, mask = ids_and_mask()
     model = models.from_pretrained(path)
-    lora.add_adapters(model, CFG, seed=0)
+    cfg = dataclasses.replace(CFG, target_modules=targets)
+    lora.add_adapters(model, cfg, seed=0)
     random_b(model)
     ours = np.asarray(model(ids, mask))
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert max_error(torch_logits(base, ids, mask), ours, mask) > 1e-2  # the adapters matter
 
     adapter = str(tmp_path / "adapter")
-    lora.save_adapter(model, adapter, CFG, base_model_name_or_path=path)
+    lora.save_adapter(model, adapter, cfg, base_model_name_or_path=path)
     config = json.load(open(os.path.join(adapter, "adapter_config.json")))
-    assert (config["r"], config["lora_alpha"], config["peft_type"], config["task_type"]) == (
-        4, 8, "LORA", "CAUSAL_LM")
+    assert (config["r"], config["lora_alpha"], config["peft_type"], config["task_type"],
+            config["target_modules"]) == (4, 8, "LORA", "CAUSAL_LM", sorted(targets))
     tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     layer = "base_model.model.model.layers.1"
     assert tensors[f"{layer}.self_attn.q_proj.lora_A.weight"].shape == (4, 32)  # [r, in]
     assert tensors[f"{layer}.mlp.down_proj.lora_B.weight"].shape == (32, 4)  # [out, r]
-    assert len(tensors) == 2 * 7 * 2
+    assert len(tensors) == 2 * len(targets) * 2
     peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
     assert max_error(torch_logits(peft_model, ids, mask), ours, mask) < 1e-4
 
