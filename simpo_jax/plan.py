@@ -324,8 +324,10 @@ def capacity_per_device(target: Target, devices) -> int:
     return int(target.chip_gib * GIB / per_chip)
 
 
-def candidates(config) -> list[dict]:
-    """Settings to try (SETTING_FIELDS values): the config's own, then SEARCH's changes in turn."""
+def candidates(config, num_devices: int = 8) -> list[dict]:
+    """Settings to try (SETTING_FIELDS values): the config's own, then SEARCH's changes in turn.
+
+    A tensor axis needs at least two devices: on one it is not tried."""
     current = setting_of(config)
     out = [dict(current)]
     if not config.plan_search:
@@ -342,6 +344,8 @@ def candidates(config) -> list[dict]:
             continue
         if change.get("logits_chunk_size") and current["logits_chunk_size"]:
             continue  # the config already chunks the head
+        if change.get("mesh_tensor") and num_devices < 2:
+            continue
         updated = dict(current, **change)
         if change.get("mesh_tensor") and current["mesh_tensor"] == 1:
             # A tensor axis of 2 halves the data-parallel devices: twice the accumulation.
@@ -382,7 +386,7 @@ def plan(config) -> dict:
     capacity = (int(config.plan_capacity_gib * GIB) if config.plan_capacity_gib > 0
                 else capacity_per_device(target, devices))
     tried = []
-    for setting in candidates(config):
+    for setting in candidates(config, len(devices)):
         try:
             result = compile_step(with_setting(config, setting), hf_config, devices)
         except Exception as e:  # e.g. a mesh the model does not divide: record it, try the next
@@ -448,7 +452,7 @@ def next_steps(config, out: dict) -> list[str]:
     if not config.logits_chunk_size:
         steps.append("--config.logits_chunk_size=256: the LM head and log-softmax in chunks, never "
                      "the full [tokens, vocab] float32 logits.")
-    if config.per_device_train_batch_size > 1:
+    if config.per_device_train_batch_size > 1 and not config.plan_search:
         smaller = config.per_device_train_batch_size // 2
         steps.append(
             f"--config.per_device_train_batch_size={smaller} "
