@@ -85,7 +85,8 @@ def test_step0_lora_model_equals_base_exactly(tmp_path):
 
 @pytest.mark.parametrize("family,targets", [("llama", lora.TARGET_MODULES),
                                              ("qwen2", lora.TARGET_MODULES),
-                                             ("llama", ("v_proj", "q_proj", "down_proj"))])
+                                             ("llama", ("v_proj", "q_proj", "down_proj"))],
+                         ids=["llama", "qwen2_qkv_bias", "llama_q_v_down"])
 def test_peft_adapter_and_merged_export_match_transformers_logits(tmp_path, family, targets):
     peft = pytest.importorskip("peft")
     path = hf_folder(tmp_path, family)
