@@ -105,11 +105,12 @@ def load_params(config, tokenizer, mesh, model_path: str, *, weights: bool):
     # A LoRA base is frozen: held in the compute dtype, never updated.
     kwargs = dict(dtype=dtype, param_dtype=dtype if config.lora_rank else
                   precision.param_dtype(config.master_weights),
-                  remat_policy=remat,
-                  attention=config.attention_implementation)
+                  remat_policy=remat, attention=config.attention_implementation,
+                  trust_remote_code=config.trust_remote_code)
     hf_config = model_config(config, tokenizer, model_path)
     if not weights:
-        model = nnx.eval_shape(lambda: models.from_config(hf_config, **kwargs))
+        # source: the folder a multimodal checkpoint's untrained tensors are exported from.
+        model = nnx.eval_shape(lambda: models.from_config(hf_config, source=model_path, **kwargs))
     elif model_path:
         model = models.from_pretrained(model_path, mesh=mesh, **kwargs)
     else:
