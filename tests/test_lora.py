@@ -228,6 +228,13 @@ def test_tiny_lora_run_learns_and_exports_both_ways(lora_run, tmp_path):
         adapted = any(f".{m}." in key for m in lora.TARGET_MODULES)
         same = np.array_equal(base[key].astype(np.float32), merged[key])
         assert same != adapted, key
+    # ... by B A alpha/r of the exported adapter alone: the frozen base weights did not move.
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for key in [k for k in base if any(f".{m}." in k for m in lora.TARGET_MODULES)]:
+        stem = "base_model.model." + key[:-len("weight")]
+        delta = adapter[stem + "lora_B.weight"] @ adapter[stem + "lora_A.weight"] * (16.0 / 8)
+        np.testing.assert_allclose(merged[key], base[key] + delta, atol=1e-6, rtol=0,
+                                   err_msg=key)
 
     # PEFT's adapter on the transformers base, and transformers on the merged folder: same logits.
     ids, mask = ids_and_mask()
