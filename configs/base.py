@@ -138,7 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_find_steps = 200  # real SimPO steps in the sweep
 
     # --- Ahead-of-time memory plan (--mode=plan) -------------------------------------------------
-    # tpu-v5e-8 | tpu-v5p-8 | tpu-v5p-32 | tpu-v5p-64 | tpu-v4-32 | tpu-v6e-8 (compiled);
+    # tpu-v5e-1 | tpu-v5e-8 | tpu-v5p-8 | tpu-v5p-32 | tpu-v5p-64 | tpu-v4-32 | tpu-v6e-8 (compiled);
     # gpu-h100x8 | gpu-h100x1 | gpu-a100x1 (estimates)
     c.plan_target = "tpu-v5e-8"
     c.plan_capacity_gib = 0.0  # memory per device to plan against; 0 = the target's own

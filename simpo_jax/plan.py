@@ -27,6 +27,7 @@ from flax import nnx
 
 from simpo_jax import config as config_lib
 from simpo_jax import flops
+from simpo_jax import lora as lora_lib
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
@@ -46,6 +47,7 @@ class Target:
     chip_gib: float  # memory per chip
     num_chips: int
     proxy: str = ""  # GPU targets: the libtpu topology whose first num_chips chips stand in
+    first_chips: int = 0  # > 0: compile for the topology's first chips only (one v5e chip)
 
 
 TARGETS = {
@@ -61,6 +63,7 @@ TARGETS = {
     "gpu-h100x8": Target("gpu", "", 80, 8, proxy="v5p:2x2x2"),
     "gpu-h100x1": Target("gpu", "", 80, 1, proxy="v5p:2x2x1"),
     "gpu-a100x1": Target("gpu", "", 40, 1, proxy="v5p:2x2x1"),
+    "tpu-v5e-1": Target("tpu", "v5e:2x2", 16, 1, first_chips=1),  # one 16 GiB chip (Colab-sized)
 }
 
 # Words of libtpu's refusal when another process holds its lockfile: the ABORTED message ("...
@@ -86,7 +89,7 @@ SEARCH = (
 # Not searched: bfloat16_stochastic masters. Once the optimizer state is in host memory they hold
 # the same device bytes as bfloat16_kahan, with more temporaries (the random bits) and noisier
 # updates (Mistral-7B on tpu-v5e-8: docs/memory_plans.md); they help where host memory is short.
-SETTING_FIELDS = ("gradient_checkpointing", "remat_policy", "logits_chunk_size", "master_weights",
+SETTING_FIELDS = ("lora_rank", "gradient_checkpointing", "remat_policy", "logits_chunk_size", "master_weights",
                   "optimizer_state_dtype", "offload_optimizer_state", "per_device_train_batch_size",
                   "gradient_accumulation_steps", "mesh_data", "mesh_fsdp", "mesh_tensor")
 
@@ -137,7 +140,8 @@ def target_devices(target: Target, tpu_compiler: bool = True) -> list:
     """Devices to compile for: the TPU topology's (no chips needed; a GPU target's stand-in
     chips when tpu_compiler) or num_chips CPU devices."""
     if target.platform == "tpu":
-        return _tpu_devices(target.topology)
+        devices = _tpu_devices(target.topology)
+        return devices[:target.first_chips] if target.first_chips else devices
     if tpu_compiler:
         return _tpu_devices(target.proxy)[:target.num_chips]
     cpus = jax.devices("cpu")
@@ -223,10 +227,25 @@ def compile_step(config, hf_config: dict, devices):
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config), devices)
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     remat = config.remat_policy if config.gradient_checkpointing else "none"
-    model = nnx.eval_shape(lambda: models.from_config(
-        hf_config, dtype=dtype, param_dtype=precision.param_dtype(config.master_weights),
-        remat_policy=remat, attention=config.attention_implementation))
-    graphdef, params = nnx.split(model, nnx.Param)
+    master = precision.param_dtype(config.master_weights)
+
+    def build_model():
+        # A LoRA base is frozen in the compute dtype (as build.load_params holds it).
+        model = models.from_config(hf_config, dtype=dtype,
+                                   param_dtype=dtype if config.lora_rank else master,
+                                   remat_policy=remat, attention=config.attention_implementation)
+        if config.lora_rank:
+            lora_lib.add_adapters(model, lora_lib.LoraConfig.from_config(config),
+                                  param_dtype=master)
+        return model
+
+    model = nnx.eval_shape(build_model)
+    frozen = frozen_sh = None
+    if config.lora_rank:
+        graphdef, params, frozen = lora_lib.split(model)
+        frozen_sh = sharding_lib.param_shardings(mesh, frozen)
+    else:
+        graphdef, params = nnx.split(model, nnx.Param)
     tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps=1000)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     train_step, state_sh = step_lib.jit_train_step(
@@ -234,11 +253,16 @@ def compile_step(config, hf_config: dict, devices):
         offload_optimizer_state=config.offload_optimizer_state, graphdef=graphdef, tx=tx,
         schedule=schedule, cfg=loss_lib.LossConfig.from_config(config),
         accumulation_steps=config.gradient_accumulation_steps,
-        logits_chunk_size=config.logits_chunk_size)
+        logits_chunk_size=config.logits_chunk_size, frozen_shardings=frozen_sh)
     batch, pairs, tokens = abstract_batch(config, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract_state, state_sh)
     params_b = _sharded_bytes(abstract_state.params, state_sh.params)
+    frozen_b = 0
+    if frozen is not None:
+        frozen_b = _sharded_bytes(frozen, frozen_sh)
+        frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              frozen, frozen_sh)
     opt_b = _sharded_bytes(abstract_state.opt_state, state_sh.opt_state)
     host_b = opt_b if config.offload_optimizer_state else 0
     arch = model.arch
@@ -255,6 +279,7 @@ def compile_step(config, hf_config: dict, devices):
         "row_length": t, "rows_per_device": per_device_rows,
         "num_params": sum(x.size for x in jax.tree.leaves(params)),
         "params_bytes": params_b, "opt_state_bytes": opt_b - host_b, "host_bytes": host_b,
+        "frozen_bytes": frozen_b,  # LoRA: the frozen base (params_bytes: the adapters)
         "batch_bytes": _sharded_bytes(batch, {k: v.sharding for k, v in batch.items()}),
         "model_flops_per_step": flops.model_flops(arch, tokens, t),  # PaLM convention
         "activation_estimate_bytes": activation_estimate(
@@ -262,7 +287,8 @@ def compile_step(config, hf_config: dict, devices):
             length=t, remat=remat, dtype_bytes=jnp.dtype(dtype).itemsize,
             tensor=mesh.shape["tensor"], logits_chunk_size=config.logits_chunk_size),
     }
-    lowered = train_step.lower(state, batch)
+    lowered = (train_step.lower(state, batch) if frozen is None
+               else train_step.lower(state, batch, frozen))
     start = time.time()
     try:
         compiled = lowered.compile()
@@ -273,7 +299,8 @@ def compile_step(config, hf_config: dict, devices):
             raise
         temp = float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
         result.update(compile_seconds=round(time.time() - start, 1), out_of_memory=True,
-                      temp_bytes=int(temp), total_bytes=int(params_b + opt_b - host_b + temp),
+                      temp_bytes=int(temp),
+                      total_bytes=int(params_b + frozen_b + opt_b - host_b + temp),
                       xla_flops_per_device=None, compile_error=str(e).splitlines()[0][:300])
         return result
     mem = compiled.memory_analysis()

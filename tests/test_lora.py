@@ -150,6 +150,7 @@ def lora_gradients(mesh, path):
     return state.opt_state
 
 
+@pytest.mark.slow
 def test_lora_gradients_on_2x2x2_mesh_equal_one_device(tmp_path):
     path = hf_folder(tmp_path)
     one = lora_gradients(sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1),

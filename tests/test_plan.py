@@ -277,3 +277,20 @@ def test_plan_compiles_the_configured_layout_and_memory_modes(tmp_path):
     assert r["opt_state_bytes"] == 0  # moments and compensation in host memory
     # Two bfloat16 moments and a bfloat16 compensation per parameter, plus counters and a key.
     assert 3 * 2 * n <= r["host_bytes"] < 3 * 2 * n + 64
+
+
+@pytest.mark.slow
+def test_plan_of_a_lora_run_compiles_adapters_over_a_frozen_base(tmp_path):
+    c = tiny_config(tmp_path, plan_target="gpu-h100x1", lora_rank=4, lora_alpha=8.0)
+    (r,) = plan_lib.plan(c)["tried"]
+    assert r["setting"]["lora_rank"] == 4 and r["fits"]
+    h, i, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
+    q, kv = h, h // 2  # 4 heads, 2 key-value heads of 16
+    # Rank-4 A [r, in] and B [out, r] of q k v o gate up down, float32, are all that is trained.
+    adapters = 4 * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)) * layers
+    assert r["params_bytes"] == 4 * adapters
+    assert r["opt_state_bytes"] >= 2 * r["params_bytes"]
+    assert r["num_params"] == adapters  # the trained parameters
+    v = TINY["vocab_size"]
+    base = 2 * v * h + layers * (h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h) + h
+    assert r["frozen_bytes"] == 4 * base  # the frozen base, in the (float32) compute dtype

@@ -102,7 +102,7 @@ def load_policy(config, *, checkpoint: bool = True):
     if checkpoint and (_checkpoint_steps(config) or config.resume_from):
         run = build_lib.build(config, with_data=False)
         run.checkpointer.close()
-        model = nnx.merge(run.graphdef, run.state.params)
+        model = run.model()  # with a LoRA run's frozen base
         source = (f"checkpoint {config.resume_from}" if config.resume_from else  # the step
                   f"checkpoint {run.checkpointer.directory}/{run.start_step}")  # restored
         stops = stop_token_ids(run.tokenizer, build_lib.pretrained_paths(config)[0])
