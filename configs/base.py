@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora_rank = 0  # r of every adapter; 0 = full fine-tuning
     c.lora_alpha = 16.0  # adapters' output scale lora_alpha / lora_rank; usually 2 x rank
     c.lora_dropout = 0.0  # only 0.0 is implemented
+    # The frozen base's target projections: none (compute dtype) | int8 (per-row absmax scales,
+    # 1 byte per weight; the merged export is that int8 base + the adapters). lora_rank > 0 only.
+    c.lora_base_quantization = "none"
     # Hugging Face module names inside a decoder layer; embeddings and the LM head never.
     c.lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                              "down_proj")

@@ -250,6 +250,8 @@ def add_lora(config, graphdef, params, mesh):
     lora_lib.add_adapters(model, lora_lib.LoraConfig.from_config(config), mesh=mesh,
                           seed=config.seed,
                           param_dtype=precision.param_dtype(config.master_weights))
+    if config.lora_base_quantization == "int8":
+        lora_lib.quantize_base(model, config.lora_target_modules, mesh=mesh)
     return lora_lib.split(model)
 
 

@@ -31,6 +31,7 @@ CHOICES = {
     "master_weights": precision.MASTER_WEIGHTS,
     "optimizer_state_dtype": precision.STATE_DTYPES,
     "plan_gpu_compiler": ("tpu", "cpu"),
+    "lora_base_quantization": lora.QUANTIZATIONS,
 }
 POSITIVE = ("beta", "learning_rate", "max_length", "max_prompt_length", "per_device_train_batch_size",
             "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
@@ -126,6 +127,10 @@ def validate_lora(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.lora_rank={rank!r}: must be an integer >= 0 (0 = full "
                         "fine-tuning).")
     if not rank:
+        if config.lora_base_quantization != "none":
+            raise UserError(f"config.lora_base_quantization={config.lora_base_quantization!r} "
+                            "quantises a frozen LoRA base: set lora_rank > 0 (e.g. 16), or "
+                            "'none' for full fine-tuning.")
         return
     if not config.lora_alpha > 0:
         raise UserError(f"config.lora_alpha={config.lora_alpha!r}: must be > 0 (usually 2 x "

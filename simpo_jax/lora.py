@@ -96,6 +96,33 @@ def add_adapters(model, cfg: LoraConfig, *, mesh=None, seed: int = 0,
     return model
 
 
+QUANTIZATIONS = ("none", "int8")
+
+
+def quantize_base(model, target_modules, *, mesh=None):
+    """Stores the targeted projections' frozen weights as int8, in place: per output row,
+    scale = max|W| / 127 and W ~ round(W / scale) * scale (absmax, symmetric; 1 byte per weight
+    plus 4 per row). One projection at a time, so the peak is the unquantised base plus one
+    int8 projection. Only for a frozen LoRA base: the adapters stay in the master dtype."""
+    for path, linear in targets(model, target_modules):
+        def quantize(w):
+            w = w.astype(jnp.float32)
+            scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-1, keepdims=True), 1e-12) / 127.0
+            return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+        w = linear.weight[...]
+        if mesh is None:
+            q, scale = jax.jit(quantize)(w)
+        else:
+            shardings = tuple(
+                NamedSharding(mesh, sharding_lib.spec_for(f"{path}.{name}", shape, mesh))
+                for name, shape in (("weight", w.shape), ("weight_scale", w.shape[:-1] + (1,))))
+            q, scale = jax.jit(quantize, out_shardings=shardings)(w)
+        linear.weight, linear.weight_scale = nnx.Param(q), nnx.Param(scale)
+        del w
+    return model
+
+
 def split(model):
     """(graphdef, adapters, frozen base) of a model with adapters."""
     return nnx.split(model, nnx.LoRAParam, nnx.Param)
@@ -108,8 +135,11 @@ def merge_adapters(model):
             continue
         delta = jnp.einsum("...or,...ri->...oi", linear.lora_B[...].astype(jnp.float32),
                            linear.lora_A[...].astype(jnp.float32))
-        linear.weight = nnx.Param(linear.weight[...].astype(jnp.float32)
-                                  + delta * jnp.float32(linear.lora_scale))
+        base = linear.weight[...].astype(jnp.float32)
+        if linear.weight_scale is not None:  # an int8 base: the weights the adapters trained on
+            base = base * linear.weight_scale[...].astype(jnp.float32)
+            linear.weight_scale = None
+        linear.weight = nnx.Param(base + delta * jnp.float32(linear.lora_scale))
         linear.lora_A = linear.lora_B = None
         linear.lora_scale = 0.0
     return model
@@ -182,4 +212,5 @@ def meta(config, model_path: str) -> dict | None:
         return None
     cfg = LoraConfig.from_config(config)
     return {"rank": cfg.rank, "alpha": cfg.alpha, "target_modules": sorted(cfg.target_modules),
-            "base": base_fingerprint(model_path, config.model_init_seed)}
+            "base": base_fingerprint(model_path, config.model_init_seed),
+            "base_quantization": config.lora_base_quantization}

@@ -89,7 +89,7 @@ SEARCH = (
 # Not searched: bfloat16_stochastic masters. Once the optimizer state is in host memory they hold
 # the same device bytes as bfloat16_kahan, with more temporaries (the random bits) and noisier
 # updates (Mistral-7B on tpu-v5e-8: docs/memory_plans.md); they help where host memory is short.
-SETTING_FIELDS = ("lora_rank", "gradient_checkpointing", "remat_policy", "logits_chunk_size", "master_weights",
+SETTING_FIELDS = ("lora_rank", "lora_base_quantization", "gradient_checkpointing", "remat_policy", "logits_chunk_size", "master_weights",
                   "optimizer_state_dtype", "offload_optimizer_state", "per_device_train_batch_size",
                   "gradient_accumulation_steps", "mesh_data", "mesh_fsdp", "mesh_tensor")
 
@@ -237,6 +237,8 @@ def compile_step(config, hf_config: dict, devices):
         if config.lora_rank:
             lora_lib.add_adapters(model, lora_lib.LoraConfig.from_config(config),
                                   param_dtype=master)
+            if config.lora_base_quantization == "int8":
+                lora_lib.quantize_base(model, config.lora_target_modules)
         return model
 
     model = nnx.eval_shape(build_model)

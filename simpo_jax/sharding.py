@@ -37,6 +37,9 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"layers\..*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_B$", P(None, "tensor", None)),
     (r"layers\..*(o_proj|down_proj)\.lora_A$", P(None, None, "tensor")),
     (r"layers\..*(o_proj|down_proj)\.lora_B$", P(None, "fsdp", None)),
+    # An int8 LoRA base's per-output-row scales [L, out, 1] follow the weight's `out` split.
+    (r"layers\..*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight_scale$", P(None, "tensor", None)),
+    (r"layers\..*(o_proj|down_proj)\.weight_scale$", P(None, "fsdp", None)),
     (r"norm", P()),  # RMSNorm weights: small, replicated
     (r".*", P()),
 )

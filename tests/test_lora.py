@@ -312,3 +312,49 @@ def test_doctor_knows_lora_rates_and_alpha():
     assert "above 10x" in warnings(lora_rank=16, lora_alpha=32.0, learning_rate=1e-4)
     assert "alpha = 2 x rank = 32" in warnings(lora_rank=16, lora_alpha=16.0, learning_rate=5e-6)
     assert warnings(learning_rate=5e-7) == ""
+
+
+def test_int8_base_matches_transformers_on_the_dequantised_weights(tmp_path):
+    # Reference: numpy's absmax int8 of each projection row, put into the transformers model.
+    path = hf_folder(tmp_path)
+    ids, mask = ids_and_mask()
+    model = models.from_pretrained(path)
+    lora.add_adapters(model, CFG, seed=0)
+    random_b(model)
+    before = np.asarray(model(ids, mask))
+    lora.quantize_base(model, lora.TARGET_MODULES)
+    q = model.model.layers.mlp.down_proj
+    assert q.weight[...].dtype == jnp.int8 and q.weight_scale.shape == (2, 32, 1)
+    ours = np.asarray(model(ids, mask))
+    assert 1e-5 < max_error(before, ours, mask) < 0.05  # int8 error: small, not zero
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    state = hf_model.state_dict()
+    for key in [k for k in state if any(f".{m}." in k for m in lora.TARGET_MODULES)]:
+        w = state[key].numpy()
+        scale = np.abs(w).max(-1, keepdims=True) / 127.0
+        state[key].copy_(torch.from_numpy(np.round(w / scale).clip(-127, 127) * scale))
+    adapter = str(tmp_path / "adapter")
+    lora.save_adapter(model, adapter, CFG, base_model_name_or_path=path)
+    peft = pytest.importorskip("peft")
+    with_adapter = peft.PeftModel.from_pretrained(hf_model, adapter).eval()
+    assert max_error(torch_logits(with_adapter, ids, mask), ours, mask) < 1e-4
+    # The merged export is the int8 base + the adapters, as trained.
+    merged_dir = str(tmp_path / "merged")
+    models.save_pretrained(lora.merge_adapters(model), merged_dir, dtype="float32")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert max_error(torch_logits(merged, ids, mask), ours, mask) < 1e-4
+
+
+@pytest.mark.slow
+def test_tiny_lora_run_on_an_int8_base_learns(tmp_path):
+    from simpo_jax import train
+    from tests.test_e2e import read_rows
+
+    train.train(tiny_config(tmp_path / "int8", lora_base_quantization="int8"))
+    accuracy = [r["eval_rewards/accuracies"] for r in read_rows(tmp_path / "int8")
+                if "eval_loss" in r]
+    assert accuracy[0] <= 0.6 and accuracy[-1] >= 0.8, accuracy
+    with pytest.raises(config_lib.UserError, match="lora_base_quantization.*lora_rank > 0"):
+        config_lib.validate(tiny_config(tmp_path / "x", lora_rank=0,
+                                        lora_base_quantization="int8"))

@@ -38,9 +38,19 @@ class Linear(nnx.Module):
         # (PEFT's lora_A / lora_B layouts); y += (x A^T B^T) * lora_scale.
         self.lora_A = self.lora_B = nnx.data(None)
         self.lora_scale = 0.0
+        # An int8 frozen LoRA base (lora.quantize_base): weight int8, W = weight * weight_scale
+        # with one float32 scale per output row, [(L,) out, 1].
+        self.weight_scale = nnx.data(None)
+
+    def kernel(self):
+        """W in the compute dtype (dequantised when the weight is stored int8)."""
+        w = self.weight[...].astype(self.dtype)
+        if self.weight_scale is not None:
+            w = w * self.weight_scale[...].astype(self.dtype)
+        return w
 
     def __call__(self, x, preferred_element_type=None):
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype),
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.kernel(),
                        preferred_element_type=preferred_element_type)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
