@@ -132,6 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.push_to_hub = False  # upload the export (with a model card) to the Hugging Face Hub
     c.hub_model_id = ""  # e.g. "your-name/mistral-7b-simpo"
     c.hub_private_repo = False
+    c.hub_push_adapter_only = False  # LoRA: push output_dir/adapter (PEFT) instead of the merged model
 
     # --- LR range test (--mode=lr_find) -----------------------------------------------------------
     # An exponential sweep around learning_rate; it stops early once the loss diverges.

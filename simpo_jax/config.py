@@ -127,6 +127,9 @@ def validate_lora(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.lora_rank={rank!r}: must be an integer >= 0 (0 = full "
                         "fine-tuning).")
     if not rank:
+        if config.hub_push_adapter_only:
+            raise UserError("config.hub_push_adapter_only=True pushes a LoRA adapter: set "
+                            "lora_rank > 0, or False to push the model.")
         if config.lora_base_quantization != "none":
             raise UserError(f"config.lora_base_quantization={config.lora_base_quantization!r} "
                             "quantises a frozen LoRA base: set lora_rank > 0 (e.g. 16), or "

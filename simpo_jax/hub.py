@@ -75,12 +75,22 @@ def hub_api():
     return HfApi()
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def export_files(out_dir: str) -> list[str]:
     """The files of a Hugging Face export in `out_dir`: config, weights, tokenizer, model card.
 
     Never checkpoints, logs, plots, samples or data reports, whatever else the folder holds.
     """
     present = set(os.listdir(out_dir))
+    if "adapter_config.json" in present:  # a PEFT adapter folder (LoRA, hub_push_adapter_only)
+        files = [f for f in ADAPTER_FILES + TOKENIZER_FILES + ("README.md",) if f in present]
+        missing = [f for f in ADAPTER_FILES if f not in present]
+        if missing:
+            raise HubError(f"{out_dir} is not a complete PEFT adapter (missing {missing}); "
+                           "run --mode=export first.")
+        return files
     files = [f for f in CONFIG_FILES + TOKENIZER_FILES + ("README.md",) if f in present]
     if WEIGHTS_INDEX in present:
         with open(os.path.join(out_dir, WEIGHTS_INDEX)) as f:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -172,8 +173,14 @@ def export(run: Run, out_dir: str | None = None, eval_metrics: dict | None = Non
         hub.write_model_card(out_dir, config, eval_metrics or hub.read_eval_metrics(config.output_dir),
                              run.global_batch)
         if config.push_to_hub:
-            url = hub.push(out_dir, config.hub_model_id, private=config.hub_private_repo)
-            print(f"Pushed {out_dir} to {url}", flush=True)
+            folder = out_dir
+            if config.hub_push_adapter_only:  # the PEFT adapter, its card and the tokenizer
+                folder = os.path.join(out_dir, lora_lib.ADAPTER_DIR)
+                for name in ("README.md",) + hub.TOKENIZER_FILES:
+                    if os.path.exists(os.path.join(out_dir, name)):
+                        shutil.copy(os.path.join(out_dir, name), folder)
+            url = hub.push(folder, config.hub_model_id, private=config.hub_private_repo)
+            print(f"Pushed {folder} to {url}", flush=True)
     return out_dir
 
 

@@ -358,3 +358,29 @@ def test_tiny_lora_run_on_an_int8_base_learns(tmp_path):
     with pytest.raises(config_lib.UserError, match="lora_base_quantization.*lora_rank > 0"):
         config_lib.validate(tiny_config(tmp_path / "x", lora_rank=0,
                                         lora_base_quantization="int8"))
+
+
+@pytest.mark.slow
+def test_hub_push_adapter_only_uploads_the_peft_adapter(lora_run, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi
+
+    from simpo_jax import hub, train
+    from tests.hub_stand_in import HubStandIn
+
+    out, _ = lora_run
+    stand_in = HubStandIn()
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
+    try:
+        train.export_checkpoint(tiny_config(out, export_dir=str(tmp_path / "pushed"),
+                                            push_to_hub=True, hub_model_id="someone/tiny-lora",
+                                            hub_push_adapter_only=True))
+    finally:
+        stand_in.close()
+    pushed = set(stand_in.files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md",
+            "tokenizer.json"} <= pushed
+    assert not {"model.safetensors", "config.json"} & pushed  # not the merged model
+    adapter = tmp_path / "pushed" / "adapter" / "adapter_model.safetensors"
+    assert stand_in.files["adapter_model.safetensors"] == adapter.read_bytes()
