@@ -7,6 +7,9 @@ Source: configs/mistral7b.py (the SimPO skill's standard 7B recipe) for everythi
 complex tasks 16-32), alpha = 2 x rank, and a learning rate ~10x the full fine-tuning rate (the
 guide's "Not Scaling LR for LoRA"): 10 x the SimPO guide's 7B row (3e-7 to 5e-7) is 3e-6 to
 5e-6. Not yet run at this size here; the 10x rule was measured on the tiny default (README, LoRA).
+Memory (--mode=plan, TPU compiler; docs/memory_plans.md): 9.39 of 16 GiB per chip on a TPU v5e-8
+as written; on ONE 16 GiB v5e chip (Colab/Kaggle-sized) with an int8 frozen base, 11.11 GiB:
+  --config.plan_target=tpu-v5e-1 --config.lora_base_quantization=int8
 """
 
 from configs import mistral7b

@@ -546,7 +546,9 @@ def format_row(target: str, r: dict) -> str:
     if "error" in r:
         return f"{head}: failed to compile ({r['error'][:200]})"
     host = f" (+ {_gib(r['host_bytes'])} host)" if r.get("host_bytes") else ""
-    return (f"{head}: params {_gib(r['params_bytes'])} + opt {_gib(r['opt_state_bytes'])}{host} "
+    frozen = f" + frozen base {_gib(r['frozen_bytes'])}" if r.get("frozen_bytes") else ""
+    return (f"{head}: params {_gib(r['params_bytes'])}{frozen} + opt "
+            f"{_gib(r['opt_state_bytes'])}{host} "
             f"+ temp {_gib(r['temp_bytes'])} -> {_gib(r['needed_bytes'])} of "
             f"{_gib(r['capacity_bytes'])} GiB/device ({r['kind']}), "
             f"{r['model_flops_per_step'] / 1e12:.0f} model TFLOP/step, "
