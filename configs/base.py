@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     # accumulation buffer follow the master dtype.
     c.master_weights = "float32"
     c.optimizer_state_dtype = "float32"  # AdamW moments: float32 | bfloat16 (stochastically rounded)
-    c.offload_optimizer_state = False  # AdamW moments in host memory (pinned_host), streamed in for the update
+    # AdamW moments (and a Kahan compensation) in host memory (pinned_host), brought to the
+    # device for the update: pays when the state is sharded over many chips, not on one device.
+    c.offload_optimizer_state = False
 
     # --- LoRA (README "LoRA") -----------------------------------------------------------------
     # lora_rank > 0 trains W + (lora_alpha / lora_rank) B A on the target projections of every

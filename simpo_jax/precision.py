@@ -70,7 +70,8 @@ def _hash(x, seed):
 
 def _leaf_keys(key, tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return jax.tree.unflatten(treedef, list(jax.random.split(key, max(1, len(leaves)))[:len(leaves)]))
+    keys = jax.random.split(key, max(1, len(leaves)))[:len(leaves)]
+    return jax.tree.unflatten(treedef, list(keys))
 
 
 def _f32(tree):
@@ -93,7 +94,8 @@ def scale_by_adam(b1: float, b2: float, eps: float, state_dtype: str,
                   seed: int = 0) -> optax.GradientTransformation:
     """optax.scale_by_adam with the moments stored in `state_dtype`; float32 is optax's own."""
     if state_dtype not in STATE_DTYPES:
-        raise ValueError(f"optimizer_state_dtype={state_dtype!r}; valid: {', '.join(STATE_DTYPES)}.")
+        raise ValueError(f"optimizer_state_dtype={state_dtype!r}; valid: "
+                         f"{', '.join(STATE_DTYPES)}.")
     if state_dtype == "float32":
         return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 

@@ -156,7 +156,8 @@ def test_bfloat16_second_moment_keeps_moving():
     assert float(np.mean(u16)) == pytest.approx(float(np.mean(u32)), rel=0.02)
     # What round-to-nearest bfloat16 storage gives on the same gradients: frozen.
     nu = jnp.zeros(4096, jnp.bfloat16)
-    nearest = jax.jit(lambda nu, g: (0.999 * nu.astype(jnp.float32) + 0.001 * g * g).astype(nu.dtype))
+    nearest = jax.jit(
+        lambda nu, g: (0.999 * nu.astype(jnp.float32) + 0.001 * g * g).astype(nu.dtype))
     for k in range(3000):
         nu = nearest(nu, g_big if k < 200 else g_small)
     assert float(nu.astype(jnp.float32).mean()) > 2 * nu32.mean()
