@@ -178,12 +178,14 @@ def finished_run(tmp_path_factory):
     return dict(args=args, out=out, err=err, overrides=overrides, dir=tmp / "out")
 
 
+@pytest.mark.slow  # one shared tiny run via run.py (about 30 s)
 def test_run_prints_no_tpu_noise(finished_run):
     noise = [line for line in (finished_run["out"] + finished_run["err"]).splitlines()
              if any(word in line for word in TPU_NOISE)]
     assert not noise, noise
 
 
+@pytest.mark.slow  # one shared tiny run via run.py (about 30 s)
 def test_truncation_is_shown_and_warned_about(finished_run):
     lines = finished_run["out"].splitlines()
     train_row = next(line for line in lines if line.startswith("train ")).split()
@@ -192,6 +194,7 @@ def test_truncation_is_shown_and_warned_about(finished_run):
                                "max_prompt_length=6 tokens") for line in lines), lines
 
 
+@pytest.mark.slow  # one shared tiny run via run.py (about 30 s)
 def test_closing_summary(finished_run):
     out, args = finished_run["out"], finished_run["args"]
     summary = out[out.index("Training finished at step 2."):].splitlines()
@@ -214,6 +217,7 @@ def eval_rows(folder):
     return [r["step"] for r in rows if any(k.startswith("eval_") for k in r)]
 
 
+@pytest.mark.slow  # one shared tiny run via run.py (about 30 s)
 def test_eval_on_a_finished_run_adds_no_duplicate_row(finished_run, capsys):
     folder = finished_run["dir"]
     assert eval_rows(folder) == [0, 2]

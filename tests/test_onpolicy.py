@@ -187,6 +187,7 @@ def hf_causal(tmp_path):
 PROMPTS = [[1, 5, 17, 33, 8, 9, 41], [1, 60, 7], [1, 11, 12, 13, 14], [1, 70, 71, 72]]
 
 
+@pytest.mark.slow
 def test_low_temperature_sampling_equals_greedy(tmp_path):
     model = hf_causal(tmp_path)
     greedy = greedy_lib.greedy_generate(model, PROMPTS, max_new_tokens=10, eos_token_id=2,

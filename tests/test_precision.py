@@ -103,7 +103,7 @@ def test_plain_bfloat16_loses_the_updates(reference):
 @pytest.mark.parametrize("master_weights,state_dtype,offload", [
     pytest.param("float32", "bfloat16", False, marks=pytest.mark.slow),
     pytest.param("bfloat16_kahan", "float32", False, marks=pytest.mark.slow),
-    ("bfloat16_kahan", "bfloat16", True),
+    pytest.param("bfloat16_kahan", "bfloat16", True, marks=pytest.mark.slow),
     pytest.param("bfloat16_stochastic", "bfloat16", False, marks=pytest.mark.slow),
 ])
 def test_memory_mode_updates_match_float32(reference, master_weights, state_dtype, offload):
