@@ -1,4 +1,5 @@
-"""Greedy decoding with a KV cache in one jitted loop (sample generations during training)."""
+"""Decoding with a KV cache in one jitted loop: greedy here (sample generations during training);
+simpo_jax/onpolicy/sampling.py passes its own token choice to the same `decode`."""
 
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ def left_pad(sequences, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id",
-                                             "pad_token_id"))
-def _generate(state, ids_BT, mask_BT, *, graphdef, max_new_tokens, eos_token_id, pad_token_id):
-    model = nnx.merge(graphdef, state)
+def decode(model, ids_BT, mask_BT, pick, *, max_new_tokens: int, eos_token_ids, pad_token_id):
+    """The KV-cached decoding loop, for any token choice (call it inside jit).
+
+    pick(logits [B, V], step) -> tokens [B] chooses token `step` (0-based) of every row: greedy
+    here, sampling in simpo_jax/onpolicy/sampling.py. A row is done after any of eos_token_ids and
+    continues with pad_token_id; the loop stops when every row is done. Returns (new tokens
+    [B, max_new_tokens], number of new tokens per row [B], the EOS counted).
+    """
     b, t = ids_BT.shape
     s = t + max_new_tokens
     positions = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
@@ -32,9 +37,11 @@ def _generate(state, ids_BT, mask_BT, *, graphdef, max_new_tokens, eos_token_id,
     key_positions = jnp.zeros((b, s), jnp.int32).at[:, :t].set(positions)
     logits, cache = model.forward_cached(ids_BT, positions, model.init_cache(b, s), 0, key_valid,
                                          key_positions)
-    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    token = pick(logits[:, -1], 0)
     out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
+    lengths = jnp.zeros((b,), jnp.int32)
+    eos = jnp.asarray(eos_token_ids, jnp.int32)
     seq = jnp.zeros((b, s), jnp.int32).at[:, :t].set(ids_BT.astype(jnp.int32))
     # longrope (phi3): transformers' Phi3ForCausalLM drops its cache when the sequence reaches
     # original_max_position_embeddings + 1 tokens and encodes it all again (with the long
@@ -52,10 +59,15 @@ def _generate(state, ids_BT, mask_BT, *, graphdef, max_new_tokens, eos_token_id,
                                              key_valid, key_positions)
         return jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False), cache
 
-    def body(i, carry):
-        cache, token, pos, key_valid, key_positions, out, done, seq = carry
+    def cond(carry):
+        i, done = carry[0], carry[7]
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, token, pos, key_valid, key_positions, out, done, lengths, seq = carry
         out = out.at[:, i].set(jnp.where(done, pad_token_id, token))
-        done = done | (token == eos_token_id)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, eos)
         pos = pos + 1
         slot = t + i
         key_valid = key_valid.at[:, slot].set(True)
@@ -66,11 +78,25 @@ def _generate(state, ids_BT, mask_BT, *, graphdef, max_new_tokens, eos_token_id,
             logits, cache = jax.lax.cond(slot == after, again, step, *args)
         else:
             logits, cache = step(*args)
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return cache, token, pos, key_valid, key_positions, out, done, seq
+        token = pick(logits, i + 1)
+        return i + 1, cache, token, pos, key_valid, key_positions, out, done, lengths, seq
 
-    carry = (cache, token, positions[:, -1], key_valid, key_positions, out, done, seq)
-    return jax.lax.fori_loop(0, max_new_tokens, body, carry)[5]
+    carry = (jnp.int32(0), cache, token, positions[:, -1], key_valid, key_positions, out, done,
+             lengths, seq)
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry[6], carry[8]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id",
+                                             "pad_token_id"))
+def _generate(state, ids_BT, mask_BT, *, graphdef, max_new_tokens, eos_token_id, pad_token_id):
+    def greedy(logits_BV, step):
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    out, _ = decode(nnx.merge(graphdef, state), ids_BT, mask_BT, greedy,
+                    max_new_tokens=max_new_tokens, eos_token_ids=(eos_token_id,),
+                    pad_token_id=pad_token_id)
+    return out
 
 
 def greedy_generate(model, prompts, *, max_new_tokens: int, eos_token_id: int,

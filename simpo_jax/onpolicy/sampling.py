@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from simpo_jax.models import generate
+
 NEG_INF = -jnp.inf
 
 
@@ -95,42 +97,12 @@ def next_tokens(logits_BV, keys_B, step, *, temperature: float, top_p: float):
 def _sample(state, ids_BT, mask_BT, keys_B, *, graphdef, max_new_tokens, eos_token_ids,
             pad_token_id, temperature, top_p):
     """(new tokens [B, N] padded with pad_token_id after EOS, number of new tokens per row [B])."""
-    model = nnx.merge(graphdef, state)
-    b, t = ids_BT.shape
-    s = t + max_new_tokens
-    positions = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
-    key_valid = jnp.zeros((b, s), bool).at[:, :t].set(mask_BT.astype(bool))
-    key_positions = jnp.zeros((b, s), jnp.int32).at[:, :t].set(positions)
-    logits, cache = model.forward_cached(ids_BT, positions, model.init_cache(b, s), 0, key_valid,
-                                         key_positions)
-    pick = functools.partial(next_tokens, temperature=temperature, top_p=top_p)
-    token = pick(logits[:, -1], keys_B, 0)
-    out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
-    lengths = jnp.zeros((b,), jnp.int32)
+    def pick(logits_BV, step):
+        return next_tokens(logits_BV, keys_B, step, temperature=temperature, top_p=top_p)
 
-    def cond(carry):
-        i, done = carry[0], carry[7]
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, cache, token, pos, key_valid, key_positions, out, done, lengths = carry
-        out = out.at[:, i].set(jnp.where(done, pad_token_id, token))
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(token, jnp.asarray(eos_token_ids, jnp.int32))
-        pos = pos + 1
-        slot = t + i
-        key_valid = key_valid.at[:, slot].set(True)
-        key_positions = key_positions.at[:, slot].set(pos)
-        logits, cache = model.forward_cached(token[:, None], pos[:, None], cache, slot, key_valid,
-                                             key_positions)
-        token = pick(logits[:, -1], keys_B, i + 1)
-        return i + 1, cache, token, pos, key_valid, key_positions, out, done, lengths
-
-    carry = (jnp.int32(0), cache, token, positions[:, -1], key_valid, key_positions, out, done,
-             lengths)
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry[6], carry[8]
+    return generate.decode(nnx.merge(graphdef, state), ids_BT, mask_BT, pick,
+                           max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                           pad_token_id=pad_token_id)
 
 
 def stop_ids(eos_token_id) -> tuple[int, ...]:
