@@ -31,11 +31,13 @@ from simpo_jax import lora as lora_lib
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
+from simpo_jax.plan_report import GIB, _gib, format_row, format_table
+from simpo_jax.plan_search import candidates, overrides, setting_of, with_setting
 from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
 
-GIB = 2**30
+
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                       "model_configs")
 
@@ -74,25 +76,6 @@ LIBTPU_LOCKED_MESSAGE = (
     "--mode=plan: another process holds libtpu's lockfile (/tmp/libtpu_lockfile; any JAX process "
     "on a host with libtpu installed takes it, even a CPU run without JAX_PLATFORMS=cpu): rerun "
     "with ALLOW_MULTIPLE_LIBTPU_LOAD=1 (the plan only compiles, it never runs on TPU chips).")
-
-# plan_search: changes applied one after another (each keeps the ones before), cheapest in step
-# time first; the first setting that fits wins. Every change keeps the effective batch.
-SEARCH = (
-    {"gradient_checkpointing": True, "remat_policy": "full"},
-    {"logits_chunk_size": 256},
-    {"optimizer_state_dtype": "bfloat16"},
-    {"master_weights": "bfloat16_kahan"},
-    {"offload_optimizer_state": True},  # moments and Kahan compensation to host memory
-    "halve per_device_train_batch_size",  # doubling gradient_accumulation_steps, down to 1
-    {"mesh_tensor": 2},  # halves the data-parallel devices: accumulation doubles
-)
-# Not searched: bfloat16_stochastic masters. Once the optimizer state is in host memory they hold
-# the same device bytes as bfloat16_kahan, with more temporaries (the random bits) and noisier
-# updates (Mistral-7B on tpu-v5e-8: docs/memory_plans.md); they help where host memory is short.
-SETTING_FIELDS = ("lora_rank", "lora_base_quantization", "gradient_checkpointing", "remat_policy", "logits_chunk_size", "master_weights",
-                  "optimizer_state_dtype", "offload_optimizer_state", "per_device_train_batch_size",
-                  "gradient_accumulation_steps", "mesh_data", "mesh_fsdp", "mesh_tensor")
-
 
 def hf_config_of(config) -> dict:
     """config.json of the model: a local folder's, a Hub name's shipped copy, or model_init."""
@@ -211,11 +194,6 @@ def abstract_batch(config, mesh) -> tuple[dict, int, int]:
         pairs, tokens = rows * p, rows * t
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
     return batch, pairs, tokens
-
-
-def setting_of(config) -> dict:
-    """The config fields the planner varies, as the config has them."""
-    return {k: config[k] for k in SETTING_FIELDS}
 
 
 def compile_step(config, hf_config: dict, devices):
@@ -353,55 +331,6 @@ def capacity_per_device(target: Target, devices) -> int:
     return int(target.chip_gib * GIB / per_chip)
 
 
-def candidates(config, num_devices: int = 8) -> list[dict]:
-    """Settings to try (SETTING_FIELDS values): the config's own, then SEARCH's changes in turn.
-
-    A tensor axis needs at least two devices: on one it is not tried."""
-    current = setting_of(config)
-    out = [dict(current)]
-    if not config.plan_search:
-        return out
-    for change in SEARCH:
-        if change == "halve per_device_train_batch_size":
-            while current["per_device_train_batch_size"] > 1:
-                pd = current["per_device_train_batch_size"]
-                smaller = pd // 2 if pd % 2 == 0 else 1
-                current = dict(current, per_device_train_batch_size=smaller,
-                               gradient_accumulation_steps=current["gradient_accumulation_steps"]
-                               * (pd // smaller))
-                out.append(dict(current))
-            continue
-        if change.get("logits_chunk_size") and current["logits_chunk_size"]:
-            continue  # the config already chunks the head
-        if change.get("mesh_tensor") and num_devices < 2:
-            continue
-        updated = dict(current, **change)
-        if change.get("mesh_tensor") and current["mesh_tensor"] == 1:
-            # A tensor axis of 2 halves the data-parallel devices: twice the accumulation.
-            updated["gradient_accumulation_steps"] = current["gradient_accumulation_steps"] * 2
-        if updated != current:
-            current = updated
-            out.append(dict(current))
-    return out
-
-
-def with_setting(config, setting: dict):
-    """A copy of the config with a setting's fields."""
-    c = config.copy_and_resolve_references()
-    for k, v in setting.items():
-        c[k] = v
-    return c
-
-
-def overrides(config, setting: dict) -> list[str]:
-    """The --config.* flags that turn the config into `setting`."""
-    flags = []
-    for k in SETTING_FIELDS:
-        if setting[k] != config[k]:
-            flags.append(f"--config.{k}={setting[k]}")
-    return flags
-
-
 def plan(config) -> dict:
     """Plans the train step on config.plan_target; prints a table, writes <output_dir>/plan.json."""
     if config.plan_target not in TARGETS:
@@ -519,63 +448,6 @@ def _plan_in_subprocess(config, num_devices: int) -> dict:
                    env=env, check=True)
     with open(os.path.join(config.output_dir, "plan.json")) as f:
         return json.load(f)
-
-
-def _gib(b) -> str:
-    return f"{b / GIB:.2f}"
-
-
-def memory_label(r: dict) -> str:
-    """Master weights / moments (+ offload) of a result, short."""
-    st = r["setting"]
-    label = {"float32": "f32", "bfloat16_kahan": "bf16 kahan",
-             "bfloat16_stochastic": "bf16 SR"}[st["master_weights"]]
-    label += " / " + {"float32": "f32", "bfloat16": "bf16"}[st["optimizer_state_dtype"]]
-    return label + (" / host" if st["offload_optimizer_state"] else "")
-
-
-def _mesh_text(r: dict, sep: str) -> str:
-    return sep.join(f"{k} {v}" for k, v in r["mesh"].items() if v != 1) or "single"
-
-
-def format_row(target: str, r: dict) -> str:
-    head = (f"{target} {r['batch_layout']} remat={r['remat_policy']} mesh={_mesh_text(r, 'x')} "
-            f"logits_chunk={r['logits_chunk_size']} memory={memory_label(r)} "
-            f"batch={r['setting']['per_device_train_batch_size']}x"
-            f"{r['setting']['gradient_accumulation_steps']}")
-    if "error" in r:
-        return f"{head}: failed to compile ({r['error'][:200]})"
-    host = f" (+ {_gib(r['host_bytes'])} host)" if r.get("host_bytes") else ""
-    frozen = f" + frozen base {_gib(r['frozen_bytes'])}" if r.get("frozen_bytes") else ""
-    return (f"{head}: params {_gib(r['params_bytes'])}{frozen} + opt "
-            f"{_gib(r['opt_state_bytes'])}{host} "
-            f"+ temp {_gib(r['temp_bytes'])} -> {_gib(r['needed_bytes'])} of "
-            f"{_gib(r['capacity_bytes'])} GiB/device ({r['kind']}), "
-            f"{r['model_flops_per_step'] / 1e12:.0f} model TFLOP/step, "
-            f"compile {r['compile_seconds']}s, fits={'yes' if r['fits'] else 'no'}")
-
-
-def format_table(out: dict) -> str:
-    """A Markdown table of every configuration tried (GiB per device)."""
-    lines = [f"Plan for {out['model']} on {out['target']} ({out['topology']}), "
-             f"{_gib(out['capacity_bytes'])} GiB per device",
-             "| layout | remat | mesh | logits chunk | memory (master / moments) | batch x accum "
-             "| params | opt state | host | temp | total | kind | model TFLOP/step | compile s "
-             "| fits |", "|" + "---|" * 15]
-    for r in out["tried"]:
-        head = (f"| {r['batch_layout']} | {r['remat_policy']} | {_mesh_text(r, ' x ')} "
-                f"| {r['logits_chunk_size']} | {memory_label(r)} "
-                f"| {r['setting']['per_device_train_batch_size']} x "
-                f"{r['setting']['gradient_accumulation_steps']} ")
-        if "error" in r:
-            lines.append(head + f"| compile failed: {r['error'][:80]} |||||||| no |")
-            continue
-        lines.append(
-            head + f"| {_gib(r['params_bytes'])} | {_gib(r['opt_state_bytes'])} "
-            f"| {_gib(r.get('host_bytes', 0))} | {_gib(r['temp_bytes'])} "
-            f"| {_gib(r['needed_bytes'])} | {r['kind']} | {r['model_flops_per_step'] / 1e12:.0f} "
-            f"| {r['compile_seconds']} | {'yes' if r['fits'] else 'no'} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # the GPU estimate's subprocess: a JSON config on stdin
