@@ -127,6 +127,14 @@ def param_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
+def placement(mesh: Mesh | None, abstract_tree: Any) -> Any:
+    """Where a loader puts each leaf: the partition table on `mesh`, else the first device."""
+    if mesh is not None:
+        return param_shardings(mesh, abstract_tree)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree_util.tree_map(lambda _: device, abstract_tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batches are split over data x fsdp along their leading (pair) axis."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -82,11 +82,7 @@ def from_pretrained(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
     build = _builder(config, dtype, param_dtype, 0, remat_policy, attention, os.path.abspath(path),
                      trust_remote_code)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree_util.tree_map(lambda _: device, abstract)
-    else:
-        shardings = sharding_lib.param_shardings(mesh, abstract)
+    shardings = sharding_lib.placement(mesh, abstract)
     arch = nnx.merge(graphdef, abstract).arch
     state = hf.load_state(path, abstract, shardings, arch.num_layers, arch.tie_word_embeddings,
                           arch.model_type)

@@ -11,9 +11,10 @@ import numpy as np
 from flax import nnx
 
 
-def left_pad(sequences, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> left-padded ids [B, T] and attention mask [B, T]."""
-    t = max(len(s) for s in sequences)
+def left_pad(sequences, pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> left-padded ids [B, T] and attention mask [B, T]; T = length, else the
+    longest."""
+    t = length or max(len(s) for s in sequences)
     ids = np.full((len(sequences), t), pad_id, np.int32)
     mask = np.zeros((len(sequences), t), np.int32)
     for i, s in enumerate(sequences):

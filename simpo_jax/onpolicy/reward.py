@@ -101,11 +101,7 @@ def from_pretrained(path: str, *, mesh=None, dtype=jnp.float32, where: str = "")
     pad = config.get("pad_token_id")
     build = lambda: RewardModel(arch, config_dict, 1, pad, dtype=dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree_util.tree_map(lambda _: device, abstract)
-    else:
-        shardings = sharding_lib.param_shardings(mesh, abstract)
+    shardings = sharding_lib.placement(mesh, abstract)
     state = load_state(path, abstract, shardings, arch.num_layers)
     return nnx.merge(graphdef, state)
 

@@ -120,16 +120,6 @@ def row_keys(seeds, salts) -> np.ndarray:
         seeds, salts))
 
 
-def left_pad(sequences, pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> left-padded ids [B, length] and attention mask [B, length]."""
-    ids = np.full((len(sequences), length), pad_id, np.int32)
-    mask = np.zeros((len(sequences), length), np.int32)
-    for i, s in enumerate(sequences):
-        ids[i, length - len(s):] = s
-        mask[i, length - len(s):] = 1
-    return ids, mask
-
-
 def sample(model, prompts, keys, *, max_new_tokens: int, eos_token_id, pad_token_id: int,
            temperature: float, top_p: float, mesh=None, prompt_length: int | None = None,
            batch_rows: int | None = None) -> list[list[int]]:
@@ -150,7 +140,7 @@ def sample(model, prompts, keys, *, max_new_tokens: int, eos_token_id, pad_token
     prompts = list(prompts) + [prompts[0]] * (rows - n)
     keys = np.concatenate([np.asarray(keys, np.uint32),
                            np.repeat(np.asarray(keys[:1], np.uint32), rows - n, axis=0)])
-    ids, mask = left_pad(prompts, pad_token_id, length)
+    ids, mask = generate.left_pad(prompts, pad_token_id, length)
     graphdef, state = nnx.split(model)
     arrays = (ids, mask, keys)
     if mesh is not None:
