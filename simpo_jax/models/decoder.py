@@ -316,6 +316,12 @@ class CausalLM(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits
 
+    def head_weight(self):
+        """The LM head (or tied embedding) W [V, D] in the compute dtype: logits = h W^T."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight[...].astype(self.dtype)
+        return self.lm_head.kernel()
+
     def target_logits(self, h_ND, targets_N):
         """logits_from_hidden(h)[n, targets[n]] without the [N, V] logits: a row gather of the head.
 
