@@ -162,7 +162,7 @@ class OurSide:
                 pairs_per_step * items.mean() / (rows_per_step * 0.96)) // 128))
             it = packing.train_batches(pairs, layout=layout, rows_per_process=rows_per_step,
                                        seed=0, pad_id=0, row_length=self.row_length,
-                                       max_pairs_per_row=32)
+                                       max_pairs_per_row=32, score_group_rows=rows_per_step)
         self.batches = [next(it) for _ in range(steps)]
         self.next = 0
 

@@ -286,10 +286,15 @@ def train_batch_iterator(run: Run, start_step: int = 0) -> "prefetch":
             group_by_length=config.group_by_length, **where)
         return prefetch(batches, step_lib.batch_shardings(run.mesh))
     pack = run.packing
+    rows_per_process = pack["global_rows"] // jax.process_count()
+    accum = config.gradient_accumulation_steps
+    # Score groups: the rows one device computes in one micro-batch pool their scored tokens
+    # (packing.score_groups), unless a process's rows are not whole groups.
+    group = pack["rows_per_device"] if rows_per_process % (pack["rows_per_device"] * accum) == 0 else 1
     batches = packing.train_batches(
-        run.data.train, layout=pack["layout"],
-        rows_per_process=pack["global_rows"] // jax.process_count(),
-        row_length=pack["row_length"], max_pairs_per_row=pack["max_pairs_per_row"], **where)
+        run.data.train, layout=pack["layout"], rows_per_process=rows_per_process,
+        row_length=pack["row_length"], max_pairs_per_row=pack["max_pairs_per_row"],
+        score_group_rows=group, accumulation_steps=accum, **where)
     return prefetch(batches, step_lib.batch_shardings(run.mesh, pack["layout"]))
 
 

@@ -9,11 +9,14 @@ Both keep chosen and rejected of a pair in one row, so rows shard over the batch
 
 Row batch (numpy), R rows of this process, T = row_length, P = max_pairs_per_row, N scored slots:
   input_ids, positions, segment_ids (0 = padding), branch_ids  int32 [R, T];
-  score_index int32 [R, N]: row index of the hidden state predicting a scored completion token,
-  score_target int32 [R, N]: that token, score_slot int32 [R, N]: 2 * pair slot + side (0 chosen,
-  1 rejected), -1 for unused slots. N is the step's largest per-row count, rounded up to T/8, so
-  only a few shapes compile and the LM head runs on completion tokens only;
+  score_index int32 [R/g, g*N]: the hidden state predicting a scored completion token, as
+  k * T + index in row k of the group, score_target int32 [R/g, g*N]: that token, score_slot int32
+  [R/g, g*N]: 2 * (k * P + pair slot) + side (0 chosen, 1 rejected), -1 for unused slots;
   prompt_lengths int32 [R, P], completion_lengths int32 [R, P, 2], pair_mask float32 [R, P].
+Score groups: the LM head runs on the scored completion tokens only, and a group of g rows (those
+one device computes in one micro-batch, see `score_groups`) pools its rows' scored tokens, so the
+head's padding is that of the group's total, not of its fullest row. N is the step's largest
+group total / g, rounded up to T / (8 g): only a few shapes compile. g = 1: one row per group.
 Scored tokens are those of the padded layout: completion tokens with index >= 1 in their sequence.
 
 A step is a fixed number of rows, so the number of pairs per step varies; the loss is the mean
@@ -99,13 +102,33 @@ def steps_per_epoch(pairs, *, layout: str, global_rows: int, row_length: int,
                           epoch=epoch))
 
 
+def score_groups(num_rows: int, group_rows: int, accumulation_steps: int = 1) -> np.ndarray:
+    """[num_rows / g, g] the rows of each score group, in the order the train step sees them.
+
+    The train step splits a batch's rows into micro-batches by stride (row r goes to micro-batch
+    r % accumulation_steps) and shards each micro-batch's rows in contiguous blocks over devices;
+    group j holds the g rows that one device computes in micro-batch j % accumulation_steps, which
+    are consecutive there, so the step's gather stays on the device. A process's rows are whole
+    groups when num_rows is a multiple of g * accumulation_steps (checked).
+    """
+    g, a = group_rows, accumulation_steps
+    if g < 1 or num_rows % (g * a):
+        raise ValueError(f"{num_rows} rows do not split into score groups of {g} rows over {a} "
+                         "accumulation steps: the rows must be a multiple of their product.")
+    j = np.arange(num_rows // g)[:, None]
+    return j % a + a * ((j // a) * g + np.arange(g)[None, :])
+
+
 def train_batches(pairs, *, layout: str, rows_per_process: int, seed: int, pad_id: int,
                   row_length: int, max_pairs_per_row: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1):
+                  process_index: int = 0, process_count: int = 1, score_group_rows: int = 1,
+                  accumulation_steps: int = 1):
     """This process's rows of global step start_step, start_step + 1, ... forever.
 
     Epochs follow each other; resuming at step k replays only the (cheap) packing of earlier epochs.
+    score_group_rows, accumulation_steps: see `score_groups`.
     """
+    groups = score_groups(rows_per_process, score_group_rows, accumulation_steps)
     lengths = check_row_length(pairs, layout, row_length)
     global_rows = rows_per_process * process_count
     plan_args = dict(global_rows=global_rows, row_length=row_length,
@@ -119,10 +142,13 @@ def train_batches(pairs, *, layout: str, rows_per_process: int, seed: int, pad_i
             epoch += 1
             plan = epoch_plan(lengths, epoch=epoch, **plan_args)
         rows = plan[step - first]
-        width = row_score_width([scored_count(pairs, r) for r in rows], row_length)
+        counts = np.array([scored_count(pairs, r) for r in rows], np.int64)
+        # Every process's groups: the processes' rows follow each other in the global batch.
+        all_groups = np.concatenate([groups + p * rows_per_process for p in range(process_count)])
+        width = row_score_width(counts[all_groups].sum(1), row_length, score_group_rows)
         local = rows[process_index * rows_per_process:(process_index + 1) * rows_per_process]
         yield make_rows(pairs, local, layout=layout, pad_id=pad_id, row_length=row_length,
-                        max_pairs_per_row=max_pairs_per_row, score_width=width)
+                        max_pairs_per_row=max_pairs_per_row, score_width=width, groups=groups)
         step += 1
 
 
@@ -132,10 +158,12 @@ def scored_count(pairs, row) -> int:
                    for i in row for c in (pairs.chosen_ids[i], pairs.rejected_ids[i])))
 
 
-def row_score_width(counts, row_length: int) -> int:
-    """N for rows with these scored-token counts: the largest, rounded up to row_length / 8."""
-    step = max(row_length // SCORE_BUCKETS, 1)
-    return min(max(-(-max(counts, default=1) // step) * step, step), row_length)
+def row_score_width(counts, row_length: int, group_rows: int = 1) -> int:
+    """N for score groups of `group_rows` rows with these scored-token totals: the largest total
+    per row, rounded up to row_length / (8 * group_rows)."""
+    step = max(row_length // (SCORE_BUCKETS * group_rows), 1)
+    per_row = -(-max(counts, default=1) // group_rows)
+    return min(max(-(-per_row // step) * step, step), row_length)
 
 
 def _first_scored(prompt: int) -> int:
@@ -148,20 +176,22 @@ def _scored(prompt: int, completion: int) -> int:
 
 
 def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pairs_per_row: int,
-              score_width: int | None = None) -> dict:
+              score_width: int | None = None, groups: np.ndarray | None = None) -> dict:
     """The row batch of `rows` (each an array of pair indices); format in the module docstring.
 
     score_width: N; None sizes it for `rows` (a process's share of a step passes the step's).
+    groups: `score_groups` of these rows; None: one row per group.
     """
     _check_layout(layout)
+    if groups is None:
+        groups = np.arange(len(rows))[:, None]
     if score_width is None:
-        score_width = row_score_width([scored_count(pairs, r) for r in rows], row_length)
+        counts = np.array([scored_count(pairs, r) for r in rows], np.int64)
+        score_width = row_score_width(counts[groups].sum(1), row_length, groups.shape[1])
     r, t, p, n = len(rows), row_length, max_pairs_per_row, score_width
     out = {k: np.zeros((r, t), np.int32) for k in ("positions", "segment_ids", "branch_ids")}
     out["input_ids"] = np.full((r, t), pad_id, np.int32)
-    out["score_index"] = np.zeros((r, n), np.int32)
-    out["score_target"] = np.full((r, n), pad_id, np.int32)
-    out["score_slot"] = np.full((r, n), -1, np.int32)
+    score = {k: [[] for _ in range(r)] for k in ("score_index", "score_target", "score_slot")}
     out["prompt_lengths"] = np.zeros((r, p), np.int32)
     out["completion_lengths"] = np.zeros((r, p, 2), np.int32)
     out["pair_mask"] = np.zeros((r, p), np.float32)
@@ -200,13 +230,23 @@ def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pai
                 k0 = _first_scored(lp)
                 scored.append((src[k0:], comp[k0:], np.full(len(src[k0:]), 2 * slot + side)))
                 at += lc
-        if scored:
-            src, tgt, slot_ids = (np.concatenate(x) for x in zip(*scored))
-            m = len(src)
-            if m > n:
-                raise ValueError(f"score_width={n} is smaller than a row's {m} scored tokens.")
-            out["score_index"][b, :m], out["score_target"][b, :m] = src, tgt
-            out["score_slot"][b, :m] = slot_ids
+        for key, x in zip(("score_index", "score_target", "score_slot"), zip(*scored)):
+            score[key][b] = x
+    g = groups.shape[1]
+    out["score_index"] = np.zeros((r // g, g * n), np.int32)
+    out["score_target"] = np.full((r // g, g * n), pad_id, np.int32)
+    out["score_slot"] = np.full((r // g, g * n), -1, np.int32)
+    for j, members in enumerate(groups):
+        # Row k of the group: its row index offset by k * T, its pair slots by k * P.
+        offset = {"score_index": t, "score_target": 0, "score_slot": 2 * p}
+        for key in score:
+            parts = [np.asarray(x, np.int64) + k * offset[key]
+                     for k, b in enumerate(members) for x in score[key][b]]
+            flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            if len(flat) > g * n:
+                raise ValueError(f"score_width={n} is smaller than a score group's {len(flat)} "
+                                 f"scored tokens over {g} rows.")
+            out[key][j, :len(flat)] = flat
     return out
 
 

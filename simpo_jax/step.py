@@ -126,11 +126,14 @@ def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
     hidden = model.hidden_states(batch["input_ids"], (segments > 0).astype(jnp.int32),
                                  positions=batch["positions"], segment_ids=segments,
                                  branch_ids=batch["branch_ids"])
-    h = jnp.take_along_axis(hidden, batch["score_index"][..., None], axis=1)  # [R, N, D]
+    r, t, d = hidden.shape
+    groups, gn = batch["score_index"].shape  # score groups of g = r / groups rows (packing.py)
+    h = jnp.take_along_axis(hidden.reshape(groups, r // groups * t, d),
+                            batch["score_index"][..., None], axis=1)  # [R/g, g*N, D]
     tok_logps, tok_mean_logits = scored_token_stats(h, model, batch["score_target"],
                                                     logits_chunk_size)
-    r, p = batch["pair_mask"].shape
-    # Per-row sums into (pair slot, side) by a one-hot contraction: local to each row (shard).
+    p = batch["pair_mask"].shape[1]
+    # Per-group sums into (pair slot, side) by a one-hot contraction: local to each group (shard).
     onehot = _slot_onehot(batch)
     token_sums, logit_sums = (jnp.einsum("rn,rnk->rk", x, onehot).reshape(r * p, 2)
                               for x in (tok_logps, tok_mean_logits))
@@ -140,8 +143,11 @@ def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
 
 
 def _slot_onehot(batch):
-    """[R, N, 2 * P] float32: scored token n of row r belongs to (pair slot, side); slot -1: none."""
-    return jax.nn.one_hot(batch["score_slot"], 2 * batch["pair_mask"].shape[1], dtype=jnp.float32)
+    """[R/g, g*N, 2*g*P] float32: a group's scored token n belongs to (row k, pair slot, side) at
+    2 * (k * P + slot) + side; slot -1: none."""
+    r, p = batch["pair_mask"].shape
+    g = r // batch["score_slot"].shape[0]
+    return jax.nn.one_hot(batch["score_slot"], 2 * g * p, dtype=jnp.float32)
 
 
 def scored_counts(batch):
@@ -151,8 +157,12 @@ def scored_counts(batch):
     rows' score slots. Known before the forward pass, so the train step's denominators use it.
     """
     if is_packed(batch):
-        counts = _slot_onehot(batch).sum(1).reshape(-1, 2)
-        return counts, batch["pair_mask"].reshape(-1)
+        # packing.py scores a completion's tokens from index 1 of its sequence on: all of them
+        # after a prompt, all but the first after an empty prompt.
+        first = (batch["prompt_lengths"] == 0)[..., None].astype(jnp.int32)
+        scored = jnp.maximum(batch["completion_lengths"] - first, 0).astype(jnp.float32)
+        pair_mask = batch["pair_mask"].reshape(-1)
+        return scored.reshape(-1, 2) * pair_mask[:, None], pair_mask
     ids = batch["input_ids"]
     mask = loss_lib.completion_mask(batch["completion_start"], batch["lengths"], ids.shape[-1])
     return mask.sum(-1).astype(jnp.float32), batch["pair_mask"]

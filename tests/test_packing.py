@@ -65,15 +65,16 @@ def edge_pairs(n=12):
     return pairs
 
 
-def both_batches(pairs, layout, rows_multiple=1):
+def both_batches(pairs, layout, rows_multiple=1, group_rows=1, accumulation=1):
     """The padded batch of all pairs, the row batch of all pairs, and each slot's pair index."""
     padded = make_batch(pairs, np.arange(pairs.num_pairs), np.ones(pairs.num_pairs), 0,
                         int(pairs.lengths().max()))
     rows = packing.pack(packing.item_lengths(pairs, layout), ROW, MAX_PAIRS,
                         np.random.default_rng(0))
-    rows += [np.zeros(0, np.int64)] * (-len(rows) % rows_multiple)
+    rows += [np.zeros(0, np.int64)] * (-len(rows) % (rows_multiple * group_rows * accumulation))
     packed = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=ROW,
-                               max_pairs_per_row=MAX_PAIRS)
+                               max_pairs_per_row=MAX_PAIRS,
+                               groups=packing.score_groups(len(rows), group_rows, accumulation))
     return padded, packed, packing.slot_pairs(rows, MAX_PAIRS)
 
 
@@ -134,17 +135,25 @@ def test_rows_equal_padded(config, layout):
                  g_rows, g_ref)
 
 
-@pytest.mark.parametrize("layout", packing.LAYOUTS)
-def test_rows_hold_each_sequence_at_its_positions(layout):
+@pytest.mark.parametrize("layout,group_rows,accumulation", [
+    ("packed", 1, 1), ("shared_prompt", 1, 1), ("packed", 2, 2), ("shared_prompt", 3, 1)])
+def test_rows_hold_each_sequence_at_its_positions(layout, group_rows, accumulation):
     """Each pair's two sequences, read back from the row by segment and branch, are prompt +
     completion at positions 0..n-1; each scored slot is a completion token (index >= 1 in its
-    sequence) predicted from the hidden state of the token before it in that sequence."""
+    sequence) predicted from the hidden state of the token before it in that sequence; a score
+    group's slots name the row (k * T + index) and its pair slot (k * P + slot)."""
     pairs = edge_pairs()
-    _, rows, slot_pair = both_batches(pairs, layout)
+    _, rows, slot_pair = both_batches(pairs, layout, group_rows=group_rows,
+                                      accumulation=accumulation)
+    groups = packing.score_groups(len(rows["input_ids"]), group_rows, accumulation)
+    assert rows["score_index"].shape[0] == len(groups)
+    group_of = {int(row): (j, k) for j, members in enumerate(groups)
+                for k, row in enumerate(members)}
     for s, i in enumerate(slot_pair):
         if i < 0:
             continue
         r, slot = divmod(s, MAX_PAIRS)
+        j, k = group_of[r]
         prompt = list(pairs.prompt_ids[i])
         for side, completion in enumerate((pairs.chosen_ids[i], pairs.rejected_ids[i])):
             if layout == "packed":
@@ -156,17 +165,46 @@ def test_rows_hold_each_sequence_at_its_positions(layout):
             sequence = prompt + list(completion)
             assert rows["input_ids"][r, at].tolist() == sequence
             assert rows["positions"][r, at].tolist() == list(range(len(sequence)))
-            mine = rows["score_slot"][r] == 2 * slot + side
+            mine = rows["score_slot"][j] == 2 * (k * MAX_PAIRS + slot) + side
             first = max(len(prompt), 1)
-            assert rows["score_target"][r, mine].tolist() == sequence[first:]
-            assert rows["score_index"][r, mine].tolist() == at[first - 1:-1].tolist()
+            assert rows["score_target"][j, mine].tolist() == sequence[first:]
+            assert rows["score_index"][j, mine].tolist() == (k * ROW + at[first - 1:-1]).tolist()
+
+
+def test_score_groups_follow_the_steps_micro_batches_and_devices():
+    """Group j holds the rows one device computes in micro-batch j % accumulation (the step takes
+    row r into micro-batch r % accumulation, then shards rows in contiguous blocks)."""
+    groups = packing.score_groups(12, group_rows=2, accumulation_steps=3)
+    assert groups.tolist() == [[0, 3], [1, 4], [2, 5], [6, 9], [7, 10], [8, 11]]
+    assert packing.score_groups(4, 1).tolist() == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="multiple"):
+        packing.score_groups(8, group_rows=3)
+
+
+def test_score_groups_cut_the_heads_padding():
+    """Pooling a group's scored tokens: the head computes the group's total rounded up, not
+    g x its fullest row's."""
+    pairs = random_pairs(200, seed=5, **BENCH_LIKE)
+    rows = packing.pack(packing.item_lengths(pairs, "shared_prompt"), 768, 16,
+                        np.random.default_rng(0))[:8]
+    scored = sum(packing.scored_count(pairs, r) for r in rows)
+    one = packing.make_rows(pairs, rows, layout="shared_prompt", pad_id=0, row_length=768,
+                            max_pairs_per_row=16)
+    pooled = packing.make_rows(pairs, rows, layout="shared_prompt", pad_id=0, row_length=768,
+                               max_pairs_per_row=16, groups=packing.score_groups(8, 8))
+    assert pooled["score_index"].size <= scored + 8 * 768 // 64
+    assert pooled["score_index"].size < one["score_index"].size
+    assert (pooled["score_slot"] >= 0).sum() == (one["score_slot"] >= 0).sum() == scored
 
 
 @pytest.mark.slow
 def test_sharded_train_step_equals_padded():
-    """The jitted step on a 2x2x2 mesh, accumulating 2 micro-batches of rows: padded's metrics."""
+    """The jitted step on a 2x2x2 mesh, accumulating 2 micro-batches of rows, each device's two
+    rows a score group: padded's metrics."""
     pairs = random_pairs(16, seed=4)
-    padded, packed, _ = both_batches(pairs, "shared_prompt", rows_multiple=8)
+    padded, packed, _ = both_batches(pairs, "shared_prompt", rows_multiple=4, group_rows=2,
+                                     accumulation=2)
+    assert packed["input_ids"].shape[0] == 2 * packed["score_index"].shape[0] == 16
     tx, schedule = optim.make_optimizer(optim.OptimConfig(
         learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_ratio=0.0, warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
