@@ -72,13 +72,27 @@ def _target_logits(h_ND, w_VD, targets_N, cap):
     return _capped(raw, cap), rows_ND
 
 
+def _logsumexp_parts(logits_NV):
+    """jax.nn.logsumexp's steps: (exp(logits - max), its sum over V, logsumexp)."""
+    max_N = jnp.max(logits_NV, axis=-1)
+    max_N = jnp.where(jnp.isfinite(max_N), max_N, 0.0)
+    exp_NV = jnp.exp(logits_NV - max_N[:, None])
+    sum_N = exp_NV.sum(-1)
+    return exp_NV, sum_N, jnp.log(sum_N) + max_N
+
+
 def _forward(cap, chunk, h_ND, w_VD, targets_N):
+    """-> (logp, mean_logit, what the backward pass keeps of the [N, V] block or None, lse,
+    soft-cap derivative at the target or None)."""
     n = h_ND.shape[0]
     mean_N = None
-    logits_NV = None
+    saved = None
     if chunk == 0:
         logits_NV = _capped(_dot(h_ND, w_VD, ((1,), (1,))), cap)
-        lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+        exp_NV, sum_N, lse_N = _logsumexp_parts(logits_NV)
+        # Kept for the backward pass, which then needs neither the matmul nor exp again (on CPU
+        # the [N, V] matmul costs more than storing); the capped logits for the cap derivative.
+        saved = (exp_NV, sum_N, None if cap is None else logits_NV)
         if cap is not None:
             mean_N = logits_NV.mean(-1)
     else:
@@ -93,7 +107,7 @@ def _forward(cap, chunk, h_ND, w_VD, targets_N):
     if cap is None:  # mean_v(h . W_v) = h . mean_v(W_v)
         mean_N = _dot(h_ND.astype(F32), w_VD.astype(F32).mean(0), ((1,), (0,)))
     picked_N, _ = _target_logits(h_ND, w_VD, targets_N, cap)
-    return picked_N - lse_N, mean_N, logits_NV, lse_N, _cap_grad(picked_N, cap)
+    return picked_N - lse_N, mean_N, saved, lse_N, _cap_grad(picked_N, cap)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -103,30 +117,30 @@ def _token_logps(cap, chunk, h_ND, w_VD, targets_N):
 
 
 def _token_logps_fwd(cap, chunk, h_ND, w_VD, targets_N):
-    logp_N, mean_N, logits_NV, lse_N, pick_grad_N = _forward(cap, chunk, h_ND, w_VD, targets_N)
-    # chunk == 0 keeps the float32 logits: on CPU recomputing the [N, V] matmul costs more.
-    res = (h_ND, w_VD, targets_N, logits_NV, lse_N, pick_grad_N)
+    logp_N, mean_N, saved, lse_N, pick_grad_N = _forward(cap, chunk, h_ND, w_VD, targets_N)
+    res = (h_ND, w_VD, targets_N, saved, lse_N, pick_grad_N)
     return (logp_N, mean_N), res
 
 
-def _softmax_grad(logits_NV, lse_N, g_N, cap):
+def _softmax_grad(probs_NV, logits_NV, g_N, cap):
     """The softmax part of d loss / d raw logits: -g softmax (times the soft-cap derivative)."""
-    d_NV = -g_N[:, None] * jnp.exp(logits_NV - lse_N[:, None])
+    d_NV = -g_N[:, None] * probs_NV
     return d_NV if cap is None else d_NV * _cap_grad(logits_NV, cap)
 
 
 def _token_logps_bwd(cap, chunk, res, cts):
-    h_ND, w_VD, targets_N, logits_NV, lse_N, pick_grad_N = res
+    h_ND, w_VD, targets_N, saved, lse_N, pick_grad_N = res
     g_N = cts[0].astype(F32)  # mean_logit's cotangent is dropped: it carries no gradient
     if chunk == 0:
-        d_NV = _softmax_grad(logits_NV, lse_N, g_N, cap)
+        exp_NV, sum_N, logits_NV = saved
+        d_NV = _softmax_grad(exp_NV, logits_NV, g_N / sum_N, cap)
         dh_ND = _dot(d_NV, w_VD, ((1,), (0,)))
         dw_VD = _dot(d_NV, h_ND, ((0,), (0,)))
     else:
         def one(dw_VD, xs):
             h_CD, lse_C, g_C = xs
             logits = _capped(_dot(h_CD, w_VD, ((1,), (1,))), cap)
-            d_CV = _softmax_grad(logits, lse_C, g_C, cap)
+            d_CV = _softmax_grad(jnp.exp(logits - lse_C[:, None]), logits, g_C, cap)
             return (dw_VD + _dot(d_CV, h_CD, ((0,), (0,))),
                     _dot(d_CV, w_VD, ((1,), (0,))))
 
