@@ -12,7 +12,10 @@ Row batch (numpy), R rows of this process, T = row_length, P = max_pairs_per_row
   score_index int32 [R/g, g*N]: the hidden state predicting a scored completion token, as
   k * T + index in row k of the group, score_target int32 [R/g, g*N]: that token, score_slot int32
   [R/g, g*N]: 2 * (k * P + pair slot) + side (0 chosen, 1 rejected), -1 for unused slots;
-  prompt_lengths int32 [R, P], completion_lengths int32 [R, P, 2], pair_mask float32 [R, P].
+  prompt_lengths int32 [R, P], completion_lengths int32 [R, P, 2], pair_mask float32 [R, P];
+  attention_blocks int32 [R, M, 2]: the (query block, key block) pairs of SPARSE_BLOCK tokens in
+  which a query sees a key (own segment, shared prompt), -1 pads; attention computes only these.
+  M is the step's largest per-row count, rounded up to half the blocks of a row.
 Score groups: the LM head runs on the scored completion tokens only, and a group of g rows (those
 one device computes in one micro-batch, see `score_groups`) pools its rows' scored tokens, so the
 head's padding is that of the group's total, not of its fullest row. N is the step's largest
@@ -28,6 +31,8 @@ last step of an epoch is filled with empty rows, so every pair is trained once p
 from __future__ import annotations
 
 import numpy as np
+
+from simpo_jax.models.layers import SPARSE_BLOCK
 
 LAYOUTS = ("packed", "shared_prompt")
 WINDOW_PAIRS = 1024  # pairs packed together: larger packs tighter, smaller shuffles more
@@ -146,9 +151,12 @@ def train_batches(pairs, *, layout: str, rows_per_process: int, seed: int, pad_i
         # Every process's groups: the processes' rows follow each other in the global batch.
         all_groups = np.concatenate([groups + p * rows_per_process for p in range(process_count)])
         width = row_score_width(counts[all_groups].sum(1), row_length, score_group_rows)
+        blocks = block_width([len(block_pairs(pairs, r, layout, row_length)) for r in rows],
+                             row_length)
         local = rows[process_index * rows_per_process:(process_index + 1) * rows_per_process]
         yield make_rows(pairs, local, layout=layout, pad_id=pad_id, row_length=row_length,
-                        max_pairs_per_row=max_pairs_per_row, score_width=width, groups=groups)
+                        max_pairs_per_row=max_pairs_per_row, score_width=width, groups=groups,
+                        attention_width=blocks)
         step += 1
 
 
@@ -166,6 +174,49 @@ def row_score_width(counts, row_length: int, group_rows: int = 1) -> int:
     return min(max(-(-per_row // step) * step, step), row_length)
 
 
+def visible_ranges(pairs, row, layout: str) -> list:
+    """(query start, query end, key start, key end) of a row: a query in [qs, qe) sees the keys in
+    [ks, ke) up to its own index, and no others (the mask of layers.base_mask)."""
+    at, out = 0, []
+    for i in row:
+        lp = len(pairs.prompt_ids[i])
+        lc, lr = len(pairs.chosen_ids[i]), len(pairs.rejected_ids[i])
+        if layout == "packed":  # [prompt+chosen][prompt+rejected]: two segments
+            for n in (lp + lc, lp + lr):
+                out.append((at, at + n, at, at + n))
+                at += n
+        else:  # [prompt | chosen | rejected]: each completion sees the prompt and itself
+            prompt, chosen = (at, at + lp), (at + lp, at + lp + lc)
+            rejected = (chosen[1], chosen[1] + lr)
+            out += [prompt + prompt, chosen + prompt, chosen + chosen, rejected + prompt,
+                    rejected + rejected]
+            at = rejected[1]
+    return [r for r in out if r[0] < r[1] and r[2] < r[3]]
+
+
+def block_pairs(pairs, row, layout: str, row_length: int) -> np.ndarray:
+    """[m, 2] (query block, key block) pairs of SPARSE_BLOCK tokens holding a visible key, sorted."""
+    nb = -(-row_length // SPARSE_BLOCK)
+    start = np.arange(nb) * SPARSE_BLOCK
+    seen = np.zeros((nb, nb), bool)
+    for qs, qe, ks, ke in visible_ranges(pairs, row, layout):
+        # Block i's queries in the range end at q_last; block j's keys in it start at k_first: a
+        # key at or before a query exists iff k_first <= q_last.
+        q_last = np.minimum(qe, start + SPARSE_BLOCK) - 1
+        k_first = np.maximum(ks, start)
+        q_in = (start < qe) & (start + SPARSE_BLOCK > qs)
+        k_in = (start < ke) & (start + SPARSE_BLOCK > ks)
+        seen |= q_in[:, None] & k_in[None, :] & (k_first[None, :] <= q_last[:, None])
+    return np.argwhere(seen).astype(np.int32)
+
+
+def block_width(counts, row_length: int) -> int:
+    """M for rows with these block-pair counts: the largest, rounded up to half a row's blocks."""
+    nb = -(-row_length // SPARSE_BLOCK)
+    step = max(nb // 2, 1)
+    return min(max(-(-max(counts, default=1) // step) * step, step), nb * (nb + 1) // 2)
+
+
 def _first_scored(prompt: int) -> int:
     """Index of a completion's first scored token: a token at sequence index 0 has no predictor."""
     return 1 if prompt == 0 else 0
@@ -176,11 +227,12 @@ def _scored(prompt: int, completion: int) -> int:
 
 
 def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pairs_per_row: int,
-              score_width: int | None = None, groups: np.ndarray | None = None) -> dict:
+              score_width: int | None = None, groups: np.ndarray | None = None,
+              attention_width: int | None = None) -> dict:
     """The row batch of `rows` (each an array of pair indices); format in the module docstring.
 
-    score_width: N; None sizes it for `rows` (a process's share of a step passes the step's).
-    groups: `score_groups` of these rows; None: one row per group.
+    score_width: N; None sizes it for `rows` (a process's share of a step passes the step's), and
+    so does attention_width: M. groups: `score_groups` of these rows; None: one row per group.
     """
     _check_layout(layout)
     if groups is None:
@@ -232,6 +284,15 @@ def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pai
                 at += lc
         for key, x in zip(("score_index", "score_target", "score_slot"), zip(*scored)):
             score[key][b] = x
+    listed = [block_pairs(pairs, row, layout, t) for row in rows]
+    if attention_width is None:
+        attention_width = block_width([len(x) for x in listed], t)
+    out["attention_blocks"] = np.full((r, attention_width, 2), -1, np.int32)
+    for b, x in enumerate(listed):
+        if len(x) > attention_width:
+            raise ValueError(f"attention_width={attention_width} is smaller than a row's "
+                             f"{len(x)} attention block pairs.")
+        out["attention_blocks"][b, :len(x)] = x
     g = groups.shape[1]
     out["score_index"] = np.zeros((r // g, g * n), np.int32)
     out["score_target"] = np.full((r // g, g * n), pad_id, np.int32)

@@ -36,6 +36,7 @@ from simpo_jax.plan_search import candidates, overrides, setting_of, with_settin
 from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
+from simpo_jax.models.layers import SPARSE_BLOCK
 
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
@@ -188,9 +189,11 @@ def abstract_batch(config, mesh) -> tuple[dict, int, int]:
                   for k in ("input_ids", "positions", "segment_ids", "branch_ids")}
         shapes.update({k: ((rows, t), jnp.int32)
                        for k in ("score_index", "score_target", "score_slot")})
+        nb = -(-t // SPARSE_BLOCK)  # at worst one pair fills a row: the whole causal triangle
         shapes.update(prompt_lengths=((rows, p), jnp.int32),
                       completion_lengths=((rows, p, 2), jnp.int32),
-                      pair_mask=((rows, p), jnp.float32))
+                      pair_mask=((rows, p), jnp.float32),
+                      attention_blocks=((rows, nb * (nb + 1) // 2, 2), jnp.int32))
         pairs, tokens = rows * p, rows * t
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
     return batch, pairs, tokens

@@ -27,7 +27,8 @@ from simpo_jax import sharding as sharding_lib
 
 BATCH_KEYS = ("input_ids", "completion_start", "lengths", "pair_mask")
 PACKED_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "score_index",
-               "score_target", "score_slot", "prompt_lengths", "completion_lengths", "pair_mask")
+               "score_target", "score_slot", "prompt_lengths", "completion_lengths", "pair_mask",
+               "attention_blocks")
 BATCH_LAYOUTS = ("padded",) + packing.LAYOUTS
 
 
@@ -125,7 +126,8 @@ def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
     segments = batch["segment_ids"]
     hidden = model.hidden_states(batch["input_ids"], (segments > 0).astype(jnp.int32),
                                  positions=batch["positions"], segment_ids=segments,
-                                 branch_ids=batch["branch_ids"])
+                                 branch_ids=batch["branch_ids"],
+                                 attention_blocks=batch["attention_blocks"])
     r, t, d = hidden.shape
     groups, gn = batch["score_index"].shape  # score groups of g = r / groups rows (packing.py)
     h = jnp.take_along_axis(hidden.reshape(groups, r // groups * t, d),

@@ -96,9 +96,10 @@ class Attention(nnx.Module):
             self.k_norm = L.RMSNorm(e if per_head else k * e, **norm)
         self.arch = arch
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None, blocks=None):
         """With cache=(k_BSKE, v_BSKE, index): this chunk's keys/values are written at slots
-        [index, index + T), attention runs over all S slots, and (out, new cache) is returned."""
+        [index, index + T), attention runs over all S slots, and (out, new cache) is returned.
+        blocks: packed rows' visible (query block, key block) pairs (layers.attention)."""
         a = self.arch
         b, t, _ = x_BTD.shape
         q, k = self.q_proj(x_BTD), self.k_proj(x_BTD)
@@ -119,7 +120,7 @@ class Attention(nnx.Module):
             out = L.cudnn_attention(q, k, v, mask_BTS, scale=scale)
         else:
             out = L.attention(q, k, v, mask_BTS, scale=scale, softcap=a.attn_softcap,
-                              causal_blocks=cache is None)
+                              causal_blocks=cache is None, blocks_BM2=blocks)
         out = self.o_proj(out.reshape(b, t, a.num_heads * a.head_dim))
         return out if cache is None else (out, (k, v))
 
@@ -155,9 +156,9 @@ class Block(nnx.Module):
             self.post_feedforward_layernorm = L.RMSNorm(arch.hidden_size, **norm)
         self.layout = arch.norm_layout
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache=None, blocks=None):
         attn_in = x_BTD if self.layout == "post" else self.input_layernorm(x_BTD)
-        h = self.self_attn(attn_in, cos, sin, mask_BTS, cache)
+        h = self.self_attn(attn_in, cos, sin, mask_BTS, cache, blocks)
         if cache is not None:
             h, cache = h
         if self.layout == "pre":  # post_attention_layernorm is the MLP's pre-norm here
@@ -217,11 +218,13 @@ class CausalLM(nnx.Module):
         return json.loads(self._hf_config_json)
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
-                      branch_ids=None):
+                      branch_ids=None, attention_blocks=None):
         """Final-norm hidden states [B, T, D]; positions default to cumsum(mask) - 1 (any padding side).
 
         segment_ids (packed rows) keep attention inside a segment; branch_ids (shared-prompt rows)
         let each completion see the prompt but not the other completion (see layers.base_mask).
+        attention_blocks [B, M, 2] (packed rows): the block pairs holding a visible key; attention
+        computes only those (layers.block_sparse_attention).
         """
         a = self.arch
         input_ids = jnp.asarray(input_ids)
@@ -247,7 +250,8 @@ class CausalLM(nnx.Module):
         def body(x_BTD, xs):
             layer_state, window, r = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x_BTD, cos[r], sin[r], mask_BTS & L.window_mask(positions, window)), None
+            return layer(x_BTD, cos[r], sin[r], mask_BTS & L.window_mask(positions, window),
+                         blocks=attention_blocks), None
 
         windows = jnp.asarray(a.sliding_windows, jnp.int32)
         x, _ = jax.lax.scan(_remat(body, self.remat_policy), x, (stacked, windows, rope_index))

@@ -201,13 +201,18 @@ def window_mask(positions_BT, window):
 
 
 def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float | None,
-              causal_blocks: bool = False):
+              causal_blocks: bool = False, blocks_BM2=None):
     """Masked grouped-query attention; float32 logits and softmax, output in the query dtype.
 
     causal_blocks (the mask is causal by index, T == S): queries go in blocks of
     causal_block_size(T), block j attending to keys [0, end of block j) only, which skips the
     masked upper triangle: (n + 1) / 2n of the full square's work for n blocks, same result.
+    blocks_BM2 (packed rows, T == S): the (query block, key block) pairs of SPARSE_BLOCK tokens
+    that hold a visible key, -1 for none; only those are computed (`block_sparse_attention`).
     """
+    if blocks_BM2 is not None:
+        return block_sparse_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, blocks_BM2, scale=scale,
+                                      softcap=softcap)
     t = q_BTHE.shape[1]
     block = causal_block_size(t)
     if not causal_blocks or block >= t:
@@ -218,6 +223,60 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float 
         outs.append(_attention(q_BTHE[:, start:end], k_BSKE[:, :end], v_BSKE[:, :end],
                                mask_BTS[:, start:end, :end], scale=scale, softcap=softcap))
     return jnp.concatenate(outs, axis=1)
+
+
+SPARSE_BLOCK = 64  # tokens per query / key block of block_sparse_attention
+
+
+def block_sparse_attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT, blocks_BM2, *, scale: float,
+                           softcap: float | None):
+    """`attention` over the listed (query block, key block) pairs of each row only.
+
+    Packed rows see only their own segment (and a shared prompt), so most of the causal triangle
+    is masked; blocks_BM2 [B, M, 2] lists the M block pairs of SPARSE_BLOCK tokens that hold a
+    visible key (packing.attention_blocks; -1 pads). Keys outside them are masked anyway, so the
+    result equals the dense masked softmax. Each pair's scores are one [b x b] tile; the softmax
+    runs across the tiles of a query block, whose maxima and sums are gathered and summed by
+    one-hot matmuls (exact: weights 0 and 1 at HIGHEST precision), which XLA runs far faster than
+    scatters, on CPU as on TPU.
+    """
+    b, t, h, e = q_BTHE.shape
+    kv, blk = k_BTKE.shape[2], SPARSE_BLOCK
+    g, nb = h // kv, -(-t // blk)
+    if nb * blk != t:  # pad to whole blocks: padded keys are masked, padded queries dropped
+        pad = ((0, 0), (0, nb * blk - t), (0, 0), (0, 0))
+        q_BTHE, k_BTKE, v_BTKE = (jnp.pad(x, pad) for x in (q_BTHE, k_BTKE, v_BTKE))
+        mask_BTT = jnp.pad(mask_BTT, ((0, 0), (0, nb * blk - t), (0, nb * blk - t)))
+    valid_BM = blocks_BM2[..., 0] >= 0
+    qi_BM, ki_BM = jnp.maximum(blocks_BM2[..., 0], 0), jnp.maximum(blocks_BM2[..., 1], 0)
+    hi = jax.lax.Precision.HIGHEST
+    onehot_q = jax.nn.one_hot(qi_BM, nb, dtype=jnp.float32) * valid_BM[..., None]  # [B, M, n]
+    onehot_k = jax.nn.one_hot(ki_BM, nb, dtype=q_BTHE.dtype) * valid_BM[..., None]
+    q = (q_BTHE * jnp.asarray(scale, q_BTHE.dtype)).reshape(b, nb, blk, kv, g, e)
+    q = jnp.einsum("bmn,bntkge->bmtkge", onehot_q.astype(q.dtype), q, precision=hi)
+    k = jnp.einsum("bmn,bnske->bmske", onehot_k, k_BTKE.reshape(b, nb, blk, kv, e), precision=hi)
+    v = jnp.einsum("bmn,bnske->bmske", onehot_k, v_BTKE.reshape(b, nb, blk, kv, e), precision=hi)
+    logits = jnp.einsum("bmtkge,bmske->bmkgts", q, k, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    tiles = mask_BTT.reshape(b, nb, blk, nb, blk).transpose(0, 1, 3, 2, 4).reshape(
+        b, nb * nb, blk, blk)
+    mask = jnp.take_along_axis(tiles, (qi_BM * nb + ki_BM)[:, :, None, None], axis=1)
+    mask = (mask & valid_BM[:, :, None, None])[:, :, None, None]  # [B, M, 1, 1, t, s]
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    # Row maxima over a query block's tiles (a stop-gradient shift: the softmax is invariant).
+    tile_max = jax.lax.stop_gradient(logits.max(-1))  # [B, M, K, G, t]
+    row_max = jnp.full((b, nb, kv, g, blk), MASK_VALUE, jnp.float32).at[
+        jnp.arange(b)[:, None], qi_BM].max(tile_max)
+    row_max = jnp.einsum("bmn,bnkgt->bmkgt", onehot_q, row_max, precision=hi)
+    probs = jnp.where(mask, jnp.exp(logits - row_max[..., None]), 0.0)
+    denom = jnp.einsum("bmn,bmkgt->bnkgt", onehot_q, probs.sum(-1), precision=hi)
+    out = jnp.einsum("bmkgts,bmske->bmtkge", probs.astype(v.dtype), v)
+    out = jnp.einsum("bmn,bmtkge->bntkge", onehot_q.astype(out.dtype), out, precision=hi)
+    denom = denom.transpose(0, 1, 4, 2, 3)[..., None]  # [B, n, t, K, G, 1]
+    # A query with no visible key (padding) gets 0 rather than 0 / 0.
+    out = out / jnp.where(denom > 0, denom, 1.0).astype(out.dtype)
+    return out.reshape(b, nb * blk, h, e)[:, :t].astype(q_BTHE.dtype)
 
 
 def causal_block_size(t: int) -> int:
