@@ -1,21 +1,27 @@
 """Our SimPO train step (padded / packed / shared_prompt rows) against TRL's CPOTrainer, one run.
 
-    python bench/simpo_vs_trl.py            # all three layouts, ~5-10 min on 2 cores
-    python bench/simpo_vs_trl.py --layout packed --steps 3
+    python bench/simpo_vs_trl.py            # both models, ~10-15 min on 2 cores
+    python bench/simpo_vs_trl.py --layout packed --steps 3 --representative-steps 0
 
-Both sides load the same locally made Hugging Face Llama (~20M parameters, 32k vocabulary, float32)
-and train on the same pairs (random words from a 32k word-level tokenizer; prompt, chosen and
-rejected 50-150 tokens each), tokenized once by TRL. TRL: CPOTrainer(loss_type="simpo",
-cpo_alpha=0, simpo_gamma=beta*gamma_beta_ratio), timed over compute_loss + backward + AdamW step on
-its own collated batches. Ours: the jitted train step (block_until_ready), compile and warm-up of
-every batch shape excluded. Steps are interleaved (TRL, then each layout) so load from other
-processes hits all alike. The throughput ratio counts pair tokens (prompt + chosen + prompt +
-rejected of the step's pairs, none of them padding): TRL's real tokens, and for our layouts the same
-work whether or not the prompt is computed once, so the ratio is that of pairs per second. "real
-tok/s" counts the non-padding tokens each side actually computed (the shared prompt once). MFU =
-model FLOPs per token (simpo_jax.flops: 6 x non-embedding parameters including the LM head, plus
-attention at the mean sequence length) x real tokens/s / the FLOP/s of a 2048x2048 float32 matmul
-measured in the same run.
+Two locally made Hugging Face Llamas, float32, both sides loading the same weights and training on
+the same pairs (random words, ids below 8192, from a 32k word-level tokenizer; prompt, chosen and
+rejected 50-150 tokens each), tokenized once by TRL:
+  head-heavy (the default table and the last line): 4 layers, 256 wide, 32k vocabulary: the LM
+    head is 72% of the matmul parameters, so the head's cost dominates;
+  representative: 8 layers, 1024 wide, 8k vocabulary: the head is 7.5% of the matmul parameters,
+    close to Llama-3-8B's 7% (Mistral-7B 2%, Gemma-2-9B 10%), so the decoder dominates as in a
+    7B model; fewer pairs and steps (--representative-*), shared_prompt rows against TRL.
+TRL: CPOTrainer(loss_type="simpo", cpo_alpha=0, simpo_gamma=beta*gamma_beta_ratio), timed over
+compute_loss + backward + AdamW step on its own collated batches. Ours: the jitted train step
+(block_until_ready), compile and warm-up of every batch shape excluded. Steps are interleaved
+(TRL, then each layout) so load from other processes hits all alike; rates are medians over the
+timed steps. The throughput ratio counts pair tokens (prompt + chosen + prompt + rejected of the
+step's pairs, none of them padding): TRL's real tokens, and for our layouts the same work whether
+or not the prompt is computed once, so the ratio is that of pairs per second. "real tok/s" counts
+the non-padding tokens each side actually computed (the shared prompt once). MFU = model FLOPs per
+token (simpo_jax.flops: 6 x non-embedding parameters including the LM head, plus attention at the
+mean sequence length) x real tokens/s / the FLOP/s of a 2048x2048 float32 matmul measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -46,9 +52,13 @@ from simpo_jax import sharding as sharding_lib  # noqa: E402
 from simpo_jax import step as step_lib  # noqa: E402
 from simpo_jax.data import TokenizedPairs, train_batches  # noqa: E402
 
-VOCAB = 32000
+VOCAB = 32000  # the tokenizer's; the data uses ids below DATA_VOCAB, so both models read it
+DATA_VOCAB = 8192
 MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+REPRESENTATIVE = dict(vocab_size=DATA_VOCAB, hidden_size=1024, intermediate_size=2816,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=1024)
 BETA, GAMMA_BETA_RATIO, LEARNING_RATE = 2.0, 0.5, 1e-5
 LENGTHS = (50, 150)  # tokens of prompt, chosen and rejected, uniform
 LAYOUTS = ("padded", "packed", "shared_prompt")
@@ -69,10 +79,10 @@ def make_tokenizer(path: str):
     return fast
 
 
-def make_model(path: str, tok):
+def make_model(path: str, tok, model: dict):
     import transformers
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**MODEL, pad_token_id=tok.pad_token_id,
+    cfg = transformers.LlamaConfig(**model, pad_token_id=tok.pad_token_id,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).float().save_pretrained(path)
@@ -82,7 +92,7 @@ def make_rows(num_pairs: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
 
     def text():
-        return " ".join(f"w{i}" for i in rng.integers(4, VOCAB, rng.integers(*LENGTHS) + 1))
+        return " ".join(f"w{i}" for i in rng.integers(4, DATA_VOCAB, rng.integers(*LENGTHS) + 1))
 
     rows = [(text(), text(), text()) for _ in range(num_pairs)]
     return {k: [r[i] for r in rows] for i, k in enumerate(("prompt", "chosen", "rejected"))}
@@ -203,31 +213,24 @@ class OurSide:
         return float(np.mean([packing.packing_efficiency(b) for b in self.batches]))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS))
-    parser.add_argument("--pairs-per-step", type=int, default=16)
-    parser.add_argument("--rows-per-step", type=int, default=8, help="packed layouts")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
-    parser.add_argument("--logits-chunk-size", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    work = tempfile.mkdtemp(prefix="simpo_bench_")
-    tok = make_tokenizer(os.path.join(work, "model"))
-    make_model(os.path.join(work, "model"), tok)
-    num_pairs = max(args.pairs_per_step * (args.steps + 4) * 2, 384)  # enough to pack tightly
-    trl_side = TRLSide(os.path.join(work, "model"), tok, make_rows(num_pairs),
-                       args.pairs_per_step, os.path.join(work, "trl"))
+def compare(label: str, model: dict, work: str, tok, rows: dict, layouts, pairs_per_step: int,
+            rows_per_step: int, steps: int, chunk: int) -> dict:
+    """Times TRL and our layouts on one model, prints the table; pair tokens/s by side."""
+    path = os.path.join(work, label)
+    tok.save_pretrained(path)
+    make_model(path, tok, model)
+    trl_side = TRLSide(path, tok, rows, pairs_per_step, os.path.join(work, f"trl-{label}"))
     pairs = pairs_from_trl(trl_side.trainer.train_dataset)
-    ours = {layout: OurSide(os.path.join(work, "model"), pairs, layout, args.pairs_per_step,
-                            args.rows_per_step, args.logits_chunk_size, args.steps)
-            for layout in args.layout}
-    arch, _ = models.arch_from_hf_config(MODEL | {"model_type": "llama"})
-    print(f"model: llama {flops.non_embedding_params(arch) / 1e6:.1f}M non-embedding + "
-          f"{VOCAB * MODEL['hidden_size'] / 1e6:.1f}M embedding parameters, float32; "
-          f"{pairs.num_pairs} pairs; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+    ours = {layout: OurSide(path, pairs, layout, pairs_per_step, rows_per_step, chunk, steps)
+            for layout in layouts}
+    arch, _ = models.arch_from_hf_config(model | {"model_type": "llama"})
+    head = arch.vocab_size * arch.hidden_size
+    print(f"\n== {label} model: llama {arch.num_layers} layers x {arch.hidden_size} wide, "
+          f"vocabulary {arch.vocab_size}: {flops.non_embedding_params(arch) / 1e6:.1f}M matmul "
+          f"parameters (LM head {head / flops.non_embedding_params(arch):.1%}) + "
+          f"{head / 1e6:.1f}M embedding, float32; {pairs.num_pairs} pairs, {pairs_per_step} per "
+          f"step; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)", flush=True)
 
     t0 = time.perf_counter()
     for side in ours.values():
@@ -238,7 +241,7 @@ def main():
     times = {name: [] for name in ["trl", *ours]}
     tokens = {name: [] for name in times}
     real = {name: [] for name in times}
-    for _ in range(args.steps):  # interleaved: TRL, then each of our layouts
+    for _ in range(steps):  # interleaved: TRL, then each of our layouts
         for name in times:
             s, n, r = (trl_side if name == "trl" else ours[name]).step()
             times[name].append(s)
@@ -250,23 +253,52 @@ def main():
     per_token = flops.model_flops_per_token(arch, seq_len=seq_len)
     print(f"peak (2048x2048 float32 matmul, measured now): {peak / 1e9:.1f} GFLOP/s; "
           f"model FLOPs per token {per_token / 1e6:.1f}M (seq_len {seq_len})")
-    header = (f"{'side':<22}{'pairs/step':>11}{'fill':>7}{'median s':>10}{'pair tok/s':>12}"
-              f"{'real tok/s':>12}{'pairs/s':>9}{'MFU':>8}")
-    print(header)
+    print(f"{'side':<22}{'pairs/step':>11}{'fill':>7}{'median s':>10}{'pair tok/s':>12}"
+          f"{'real tok/s':>12}{'pairs/s':>9}{'MFU':>8}")
     rate = {}
     for name in times:
-        tok_s = sum(tokens[name]) / sum(times[name])
-        real_s = sum(real[name]) / sum(times[name])
-        pps = (args.pairs_per_step if name == "trl" else ours[name].pairs_per_step())
+        # Medians over the timed steps of each step's rates.
+        tok_s = statistics.median(n / t for n, t in zip(tokens[name], times[name]))
+        real_s = statistics.median(n / t for n, t in zip(real[name], times[name]))
+        pps = (pairs_per_step if name == "trl" else ours[name].pairs_per_step())
         rate[name] = tok_s
         fill = "-" if name == "trl" else f"{ours[name].fill():.0%}"
-        label = name if name in ("trl", "padded") else f"{name} (T={ours[name].row_length})"
-        print(f"{label:<22}{pps:>11.1f}{fill:>7}{statistics.median(times[name]):>10.3f}"
-              f"{tok_s:>12.0f}{real_s:>12.0f}{pps * len(times[name]) / sum(times[name]):>9.2f}"
+        side = name if name in ("trl", "padded") else f"{name} (T={ours[name].row_length})"
+        print(f"{side:<22}{pps:>11.1f}{fill:>7}{statistics.median(times[name]):>10.3f}"
+              f"{tok_s:>12.0f}{real_s:>12.0f}{pps / statistics.median(times[name]):>9.2f}"
               f"{per_token * real_s / peak:>8.1%}")
     for name in ours:
-        print(f"{name}: throughput ratio vs TRL: {rate[name] / rate['trl']:.2f}x")
-    best = max(ours, key=rate.get)
+        print(f"{label} {name}: throughput ratio vs TRL: {rate[name] / rate['trl']:.2f}x")
+    return rate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS))
+    parser.add_argument("--pairs-per-step", type=int, default=16)
+    parser.add_argument("--rows-per-step", type=int, default=8, help="packed layouts")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
+    parser.add_argument("--logits-chunk-size", type=int, default=0)
+    parser.add_argument("--representative-layout", choices=LAYOUTS, nargs="+",
+                        default=["shared_prompt"])
+    parser.add_argument("--representative-pairs-per-step", type=int, default=8)
+    parser.add_argument("--representative-rows-per-step", type=int, default=4)
+    parser.add_argument("--representative-steps", type=int, default=2,
+                        help="timed steps per side on the representative model; 0 skips it")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    work = tempfile.mkdtemp(prefix="simpo_bench_")
+    tok = make_tokenizer(os.path.join(work, "tokenizer"))
+    num_pairs = max(args.pairs_per_step * (args.steps + 4) * 2, 384)  # enough to pack tightly
+    rows = make_rows(num_pairs)
+    if args.representative_steps:
+        compare("representative", REPRESENTATIVE, work, tok, rows, args.representative_layout,
+                args.representative_pairs_per_step, args.representative_rows_per_step,
+                args.representative_steps, args.logits_chunk_size)
+    rate = compare("head-heavy", MODEL, work, tok, rows, args.layout, args.pairs_per_step,
+                   args.rows_per_step, args.steps, args.logits_chunk_size)
+    best = max((name for name in rate if name != "trl"), key=rate.get)
     print(f"best layout: {best}")
     print(f"throughput ratio vs TRL: {rate[best] / rate['trl']:.2f}x")
 
