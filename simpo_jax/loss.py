@@ -81,60 +81,6 @@ def pair_weights(counts, pair_mask):
     return valid, valid.sum(), (counts[:, 0] * valid).sum()
 
 
-def token_logps(logits, input_ids):
-    """float32 log p(input_ids[t+1] | ...) from logits[:, t]: [..., T-1]."""
-    logits = logits[..., :-1, :].astype(jnp.float32)
-    targets = input_ids[..., 1:]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - logz
-
-
-def sequence_stats(logits, input_ids, completion_start, lengths):
-    """Per-sequence (avg completion logp, completion token count, mean completion logit)."""
-    mask = completion_mask(completion_start, lengths, input_ids.shape[-1]).astype(jnp.float32)
-    count = mask.sum(-1)
-    safe = jnp.maximum(count, 1.0)  # an empty completion gives 0, never NaN; such pairs are masked
-    logps = (token_logps(logits, input_ids) * mask).sum(-1) / safe
-    mean_logit = jax.lax.stop_gradient(
-        (logits[..., :-1, :].astype(jnp.float32).mean(-1) * mask).sum(-1) / safe)
-    return logps, count, mean_logit
-
-
-def sequence_stats_chunked(hidden, head, input_ids, completion_start, lengths, chunk_size):
-    """`sequence_stats` from final hidden states, applying the LM head `chunk_size` positions at a time.
-
-    Full-sequence float32 logits ([N, T, V], 256k wide for Gemma 2) never exist: each chunk's logits
-    are reduced to per-token log-probabilities at once and recomputed in the backward pass. The head
-    runs on a 2-D [N·C, D] activation, the shape XLA's matmuls are fastest on.
-    """
-    n, t, d = hidden.shape
-    mask = completion_mask(completion_start, lengths, t).astype(jnp.float32)  # [N, T-1]
-    h, targets = hidden[:, :-1], input_ids[:, 1:]
-    num_chunks = -(-(t - 1) // chunk_size)
-    pad = num_chunks * chunk_size - (t - 1)
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    h = h.reshape(n, num_chunks, chunk_size, d).swapaxes(0, 1)  # [chunks, N, C, D]
-    targets = targets.reshape(n, num_chunks, chunk_size).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(args):
-        h_c, tgt_c = args
-        logits = head(h_c.reshape(n * chunk_size, d)).astype(jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt_c.reshape(-1, 1), axis=-1)[:, 0]
-        return ((picked - logz).reshape(n, chunk_size),
-                jax.lax.stop_gradient(logits.mean(-1)).reshape(n, chunk_size))
-
-    tok_logps, tok_mean_logits = jax.lax.map(one, (h, targets))
-    tok_logps = tok_logps.swapaxes(0, 1).reshape(n, -1)[:, :t - 1]
-    tok_mean_logits = tok_mean_logits.swapaxes(0, 1).reshape(n, -1)[:, :t - 1]
-    count = mask.sum(-1)
-    safe = jnp.maximum(count, 1.0)
-    return (tok_logps * mask).sum(-1) / safe, count, (tok_mean_logits * mask).sum(-1) / safe
-
-
 def pair_metric_sums(logps, counts, mean_logits, pair_mask, token_sums, cfg: LossConfig):
     """Loss numerator and metric sums over pairs; divide by the number of valid pairs.
 

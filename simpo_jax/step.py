@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from simpo_jax import loss as loss_lib
 from simpo_jax import packing
 from simpo_jax import sharding as sharding_lib
+from simpo_jax.models import head as head_lib
 
 BATCH_KEYS = ("input_ids", "completion_start", "lengths", "pair_mask")
 PACKED_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "score_index",
@@ -68,14 +69,14 @@ def pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
     flat_ids = ids.reshape(b * two, t)
     starts, lengths = batch["completion_start"].reshape(-1), batch["lengths"].reshape(-1)
     mask = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
-    if logits_chunk_size:
-        hidden = model.hidden_states(flat_ids, mask)
-        logps, counts, mean_logits = loss_lib.sequence_stats_chunked(
-            hidden, model.logits_from_hidden, flat_ids, starts, lengths, logits_chunk_size)
-    else:
-        logits = model(flat_ids, mask)
-        logps, counts, mean_logits = loss_lib.sequence_stats(logits, flat_ids, starts, lengths)
-    logps, counts, mean_logits = (x.reshape(b, two) for x in (logps, counts, mean_logits))
+    hidden = model.hidden_states(flat_ids, mask)[:, :-1]  # position t predicts token t + 1
+    tok_logps, tok_mean_logits = scored_token_stats(hidden, model, flat_ids[:, 1:],
+                                                    logits_chunk_size)
+    scored = loss_lib.completion_mask(starts, lengths, t).astype(jnp.float32)
+    counts = scored.sum(-1)
+    safe = jnp.maximum(counts, 1.0)  # an empty completion gives 0, never NaN; such pairs are masked
+    logps, counts, mean_logits = (x.reshape(b, two) for x in (
+        (tok_logps * scored).sum(-1) / safe, counts, (tok_mean_logits * scored).sum(-1) / safe))
     return logps, counts, mean_logits, logps * counts, batch["pair_mask"]
 
 
@@ -86,38 +87,17 @@ def is_packed(batch) -> bool:
 def scored_token_stats(h_RND, model, targets_RN, chunk_size: int = 0):
     """Per scored token (log p(target), mean logit) [R, N] from gathered hidden states [R, N, D].
 
-    The head always sees a 2-D [rows, D] activation (XLA CPU runs a 3-D head matmul over a sliced
-    activation several times slower); chunk_size > 0 applies it to [R * chunk_size, D] at a time,
-    recomputed in the backward pass, so [R, N, V] float32 logits never exist. The target's logit
-    is a row gather of the head (model.target_logits), so the backward pass never scatters into
-    an [rows, V] array.
+    The fused head (models/head.token_logps) sees a 2-D [R*N, D] activation: logsumexp and the
+    target's logit (a row gather of the head, so no [R*N, V] one-hot or scatter) in one pass, the
+    softmax gradient in one more, and without soft-capping the mean logit as h . mean_v(W_v) with
+    no pass over the vocabulary. chunk_size > 0 applies it to chunk_size tokens at a time,
+    recomputed in the backward pass, so [R*N, V] float32 logits never exist.
     """
     r, n, d = h_RND.shape
-
-    def stats(h, tgt):
-        logits = model.logits_from_hidden(h).astype(jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = model.target_logits(h, tgt)
-        return picked - logz, jax.lax.stop_gradient(logits.mean(-1))
-
-    if not chunk_size or chunk_size >= n:
-        logps, mean_logits = stats(h_RND.reshape(r * n, d), targets_RN.reshape(-1))
-        return logps.reshape(r, n), mean_logits.reshape(r, n)
-    num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
-    h = jnp.pad(h_RND, ((0, 0), (0, pad), (0, 0)))
-    h = h.reshape(r, num_chunks, chunk_size, d).swapaxes(0, 1)  # [chunks, R, C, D]: R stays sharded
-    tgt = jnp.pad(targets_RN, ((0, 0), (0, pad))).reshape(r, num_chunks, chunk_size).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(args):
-        h_c, t_c = args
-        logps, mean_logits = stats(h_c.reshape(r * chunk_size, d), t_c.reshape(-1))
-        return logps.reshape(r, chunk_size), mean_logits.reshape(r, chunk_size)
-
-    logps, mean_logits = jax.lax.map(one, (h, tgt))
-    return (logps.swapaxes(0, 1).reshape(r, -1)[:, :n],
-            mean_logits.swapaxes(0, 1).reshape(r, -1)[:, :n])
+    logps, mean_logits = head_lib.token_logps(
+        h_RND.reshape(r * n, d), model.head_weight(), targets_RN.reshape(-1),
+        final_softcap=model.arch.final_softcap, chunk_size=chunk_size)
+    return logps.reshape(r, n), mean_logits.reshape(r, n)
 
 
 def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):

@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from simpo_jax import loss as loss_lib
+from simpo_jax import models
+from simpo_jax import step as step_lib
 
 
 def np_simpo(c, r, beta, gbr, loss_type, eps):
@@ -75,12 +78,22 @@ def test_completion_mask_from_positions_not_ids():
 
 
 def test_empty_completion_gives_no_nan():
-    logits = jnp.zeros((2, 6, 11))
-    ids = jnp.array([[1, 3, 4, 2, 0, 0], [1, 3, 4, 0, 0, 0]])
-    logps, count, _ = loss_lib.sequence_stats(logits, ids, jnp.array([3, 3]), jnp.array([4, 3]))
+    # The train step's per-sequence statistics, with a zero LM head: every logit is 0.
+    model = models.from_config(dict(model_type="llama", vocab_size=11, hidden_size=8,
+                                    intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2,
+                                    max_position_embeddings=16, tie_word_embeddings=False))
+    model.lm_head.weight[...] = jnp.zeros_like(model.lm_head.weight[...])
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch = {"input_ids": jnp.array([[[1, 3, 4, 2, 0, 0], [1, 3, 4, 0, 0, 0]]]),
+             "completion_start": jnp.array([[3, 3]]), "lengths": jnp.array([[4, 3]]),
+             "pair_mask": jnp.ones(1)}
+    logps, count, mean_logits, _, _ = step_lib.pair_stats(graphdef, params, batch)
+    logps, count = logps[0], count[0]
     assert np.isfinite(np.asarray(logps)).all()
     assert count.tolist() == [1.0, 0.0]
     np.testing.assert_allclose(float(logps[0]), -np.log(11), rtol=1e-6)
+    assert mean_logits.tolist() == [[0.0, 0.0]]
     cfg = loss_lib.LossConfig(beta=2.0, gamma_beta_ratio=0.5)
     sums, _, _ = loss_lib.pair_metric_sums(logps.reshape(1, 2), count.reshape(1, 2),
                                            jnp.zeros((1, 2)), jnp.ones(1),
