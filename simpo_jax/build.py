@@ -290,7 +290,8 @@ def train_batch_iterator(run: Run, start_step: int = 0) -> "prefetch":
     accum = config.gradient_accumulation_steps
     # Score groups: the rows one device computes in one micro-batch pool their scored tokens
     # (packing.score_groups), unless a process's rows are not whole groups.
-    group = pack["rows_per_device"] if rows_per_process % (pack["rows_per_device"] * accum) == 0 else 1
+    group = pack["rows_per_device"]
+    group = group if rows_per_process % (group * accum) == 0 else 1
     batches = packing.train_batches(
         run.data.train, layout=pack["layout"], rows_per_process=rows_per_process,
         row_length=pack["row_length"], max_pairs_per_row=pack["max_pairs_per_row"],

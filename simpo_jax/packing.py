@@ -195,7 +195,7 @@ def visible_ranges(pairs, row, layout: str) -> list:
 
 
 def block_pairs(pairs, row, layout: str, row_length: int) -> np.ndarray:
-    """[m, 2] (query block, key block) pairs of SPARSE_BLOCK tokens holding a visible key, sorted."""
+    """[m, 2] sorted (query block, key block) pairs of SPARSE_BLOCK tokens with a visible key."""
     nb = -(-row_length // SPARSE_BLOCK)
     start = np.arange(nb) * SPARSE_BLOCK
     seen = np.zeros((nb, nb), bool)

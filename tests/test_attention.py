@@ -5,10 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from simpo_jax import models
 from simpo_jax import packing
 from simpo_jax.data import TokenizedPairs
 from simpo_jax.models import layers as L
+from test_packing import GEMMA2, LLAMA
 
 
 def pairs_of(lengths, seed=0):
@@ -87,7 +90,7 @@ def test_block_sparse_equals_dense_attention(layout, row_length, softcap, window
         return L.attention(q, k, v, mask, scale=scale, softcap=softcap)
 
     def sparse(q, k, v):
-        return L.attention(q, k, v, mask, scale=scale, softcap=softcap, blocks_BM2=blocks)
+        return L.block_sparse_attention(q, k, v, mask, blocks, scale=scale, softcap=softcap)
 
     got, want = jax.jit(sparse)(q, k, v), jax.jit(dense)(q, k, v)
     keep = np.asarray(real)[:, :, None, None]
@@ -103,9 +106,51 @@ def test_block_sparse_equals_dense_attention(layout, row_length, softcap, window
 def test_only_listed_tiles_are_computed():
     """The compiled scores are [rows, M, heads, b, b] tiles, never a [rows, ..., T, T] square."""
     q, k, v, mask, blocks, _, _ = attention_inputs("shared_prompt", 448)
-    text = jax.jit(lambda q, k, v: L.attention(q, k, v, mask, scale=0.3, softcap=None,
-                                               blocks_BM2=blocks)).lower(q, k, v).as_text()
+    text = jax.jit(lambda q, k, v: L.block_sparse_attention(
+        q, k, v, mask, blocks, scale=0.3, softcap=None)).lower(q, k, v).as_text()
     b, m = blocks.shape[:2]
     blk = L.SPARSE_BLOCK
     assert f"tensor<{b}x{m}x2x2x{blk}x{blk}xf32>" in text
     assert "448x448xf32" not in text
+
+
+def test_tiles_run_only_where_they_pay():
+    """A static choice from the shapes: rows of 768 listing half the triangle's tiles keep the
+    causal blocks; rows of 2048 listing a quarter of them run the tiles."""
+    assert not L.sparse_pays(768, 42)
+    assert L.sparse_pays(2048, 128)
+    assert L.sparse_pays(4096, 288)
+
+
+@pytest.mark.parametrize("config", [LLAMA, GEMMA2], ids=["llama", "gemma2_window4"])
+def test_decoder_on_tiles_equals_causal_blocks(config):
+    """Long rows of many short pairs (the tiles pay): the decoder's hidden states and gradients
+    equal those of the causal-block attention on the same rows."""
+    pairs = pairs_of([(n % 9, 3 + n % 11, 1 + n % 7) for n in range(80)], seed=3)
+    row_length = 1024
+    rows = packing.pack(packing.item_lengths(pairs, "shared_prompt"), row_length, 64,
+                        np.random.default_rng(0))
+    batch = {k: jnp.asarray(v) for k, v in packing.make_rows(
+        pairs, rows, layout="shared_prompt", pad_id=0, row_length=row_length,
+        max_pairs_per_row=64).items()}
+    assert L.sparse_pays(row_length, batch["attention_blocks"].shape[1])
+    graphdef, params = nnx.split(models.from_config(config, seed=2), nnx.Param)
+    real = (batch["segment_ids"] > 0)[..., None]
+    cot = jax.random.normal(jax.random.key(0), real.shape[:2] + (config["hidden_size"],)) * real
+
+    def loss(params, blocks):
+        model = nnx.merge(graphdef, params)
+        h = model.hidden_states(batch["input_ids"], batch["segment_ids"] > 0,
+                                positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                branch_ids=batch["branch_ids"], attention_blocks=blocks)
+        return (h * cot).sum(), h
+
+    grad = jax.jit(jax.grad(loss, has_aux=True))
+    g_tiles, h_tiles = grad(params, batch["attention_blocks"])
+    g_causal, h_causal = grad(params, None)
+    np.testing.assert_allclose(np.where(real, h_tiles, 0), np.where(real, h_causal, 0),
+                               atol=1e-5, rtol=1e-5)
+    # Gradients within 1e-5 of each tensor's largest entry (sums over a thousand tokens).
+    errors = jax.tree.map(lambda a, b: float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)),
+                          g_tiles, g_causal)
+    assert max(jax.tree.leaves(errors)) < 1e-5, errors
