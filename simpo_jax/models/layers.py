@@ -50,16 +50,18 @@ class Linear(nnx.Module):
         return w
 
     def __call__(self, x, preferred_element_type=None):
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.kernel(),
-                       preferred_element_type=preferred_element_type)
+        # A 2-D [tokens, in] matmul: XLA CPU runs the forward and both gradients of a [B, T, in]
+        # einsum about 1.4x slower (measured on the bench's MLP).
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = jnp.einsum("ni,oi->no", x, self.kernel(), preferred_element_type=preferred_element_type)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.lora_A is not None:  # as PEFT: base output (bias included) + B(A(x)) * scale
-            h = jnp.einsum("...i,ri->...r", x.astype(self.dtype),
-                           self.lora_A[...].astype(self.dtype))
-            y = y + jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype)
+            h = jnp.einsum("ni,ri->nr", x, self.lora_A[...].astype(self.dtype))
+            y = y + jnp.einsum("nr,or->no", h, self.lora_B[...].astype(self.dtype)
                                ).astype(y.dtype) * jnp.asarray(self.lora_scale, y.dtype)
-        return y
+        return y.reshape(lead + (y.shape[-1],))
 
 
 class Embed(nnx.Module):
