@@ -281,12 +281,17 @@ def test_order_is_deterministic_and_resumes_exactly():
     for a, b in zip(full[steps - 1:], resumed):
         assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(full[0]["input_ids"], full[steps]["input_ids"])  # epochs differ
-    # Two processes' rows are the halves of the one-process global batch.
-    halves = [_batches(pairs, 1, 1, rows=2, process_index=i, process_count=2)[0] for i in (0, 1)]
-    for k in full[1]:
-        if k.startswith("score"):  # N is the global step's, on every process
-            assert halves[0][k].shape[1] == halves[1][k].shape[1] == full[1][k].shape[1]
-        assert np.array_equal(np.concatenate([h[k] for h in halves]), full[1][k]), k
+    # Two processes' rows (and score groups) are the halves of the one-process global batch.
+    for group, accum in ((1, 1), (2, 1), (1, 2)):
+        kw = dict(score_group_rows=group, accumulation_steps=accum)
+        whole = _batches(pairs, 1, 1, **kw)[0]
+        halves = [_batches(pairs, 1, 1, rows=2, process_index=i, process_count=2, **kw)[0]
+                  for i in (0, 1)]
+        assert whole["score_index"].shape[0] == 4 // group
+        for k in whole:
+            # N and M are the global step's, on every process
+            assert halves[0][k].shape[1:] == halves[1][k].shape[1:] == whole[k].shape[1:], k
+            assert np.array_equal(np.concatenate([h[k] for h in halves]), whole[k]), k
 
 
 def test_every_pair_once_per_epoch():
