@@ -21,7 +21,7 @@ or not the prompt is computed once, so the ratio is that of pairs per second. "r
 the non-padding tokens each side actually computed (the shared prompt once). MFU = model FLOPs per
 token (simpo_jax.flops: 6 x non-embedding parameters including the LM head, plus attention at the
 mean sequence length) x real tokens/s / the FLOP/s of a 2048x2048 float32 matmul measured in the
-same run.
+same run (the largest of the measurements before and between the timed rounds).
 """
 
 from __future__ import annotations
@@ -252,20 +252,25 @@ def compare(label: str, model: dict, work: str, tok, rows: dict, layouts, pairs_
     times = {name: [] for name in ["trl", *ours]}
     tokens = {name: [] for name in times}
     real = {name: [] for name in times}
+    # The matmul rate is measured between the rounds too, and the largest taken: one measurement
+    # right after a torch step read anywhere from 98 to 207 GFLOP/s on this machine.
+    peaks = [flops.measured_matmul_flops(2048)]
     for _ in range(steps):  # interleaved: TRL, then each of our layouts
         for name in times:
             s, n, r = (trl_side if name == "trl" else ours[name]).step()
             times[name].append(s)
             tokens[name].append(n)
             real[name].append(r)
+        peaks.append(flops.measured_matmul_flops(2048))
 
     for name in times:
         print(f"{name} step seconds: " + ", ".join(f"{t:.2f}" for t in times[name]))
-    peak = flops.measured_matmul_flops(2048)
+    peak = max(peaks)
     seq_len = int(np.mean([len(p) + len(c) for p, c in zip(pairs.prompt_ids, pairs.chosen_ids)]))
     per_token = flops.model_flops_per_token(arch, seq_len=seq_len)
-    print(f"peak (2048x2048 float32 matmul, measured now): {peak / 1e9:.1f} GFLOP/s; "
-          f"model FLOPs per token {per_token / 1e6:.1f}M (seq_len {seq_len})")
+    print(f"peak (2048x2048 float32 matmul, the largest of {len(peaks)} measured between the "
+          f"rounds; smallest {min(peaks) / 1e9:.1f}): {peak / 1e9:.1f} GFLOP/s; model FLOPs per "
+          f"token {per_token / 1e6:.1f}M (seq_len {seq_len})")
     print(f"{'side':<22}{'pairs/step':>11}{'fill':>7}{'median s':>10}{'pair tok/s':>12}"
           f"{'real tok/s':>12}{'pairs/s':>9}{'MFU':>8}")
     rate = {}
