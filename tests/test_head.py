@@ -136,3 +136,58 @@ def test_sharded_jit(w_spec):
             ours = _run(token_logps, hs, ws, ts, gs, final_softcap=CAP, chunk_size=chunk)
             assert ours[2].sharding.is_equivalent_to(hs.sharding, 2)
             _check(ours, ref)
+
+
+@pytest.mark.parametrize("name", ["llama_untied", "gemma2"])
+def test_step_statistics_and_gradients_match_transformers(name, tmp_path):
+    """The train step's per-sequence statistics through the fused head (average completion
+    log-probability, mean logit) and their gradients, against transformers' PyTorch model: Llama,
+    and Gemma 2 with final and attention soft-capping and a sliding window."""
+    import torch
+    from flax import nnx
+
+    from simpo_jax import models
+    from simpo_jax import step as step_lib
+    from test_models import save_variant
+
+    hf = save_variant(name, tmp_path)
+    graphdef, params = nnx.split(models.from_pretrained(str(tmp_path)), nnx.Param)
+    rng = np.random.default_rng(0)
+    t = 14
+    ids = rng.integers(3, 128, (2, 2, t)).astype(np.int32)
+    starts = np.array([[4, 4], [6, 6]], np.int32)
+    lengths = np.array([[14, 9], [12, 14]], np.int32)
+    batch = {"input_ids": ids, "completion_start": starts, "lengths": lengths,
+             "pair_mask": np.ones(2, np.float32)}
+    weights = np.array([[1.0, -0.5], [0.25, 2.0]], np.float32)  # a loss over both sides
+
+    def ours(params):
+        logps, _, mean_logits, _, _ = step_lib.pair_stats(graphdef, params, batch)
+        return (logps * weights).sum(), (logps, mean_logits)
+
+    (_, (logps, mean_logits)), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(params)
+
+    flat = torch.tensor(ids.reshape(4, t), dtype=torch.long)
+    mask = (torch.arange(t)[None] < torch.tensor(lengths.reshape(4, 1))).long()
+    hf.zero_grad()
+    logits = hf(flat, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    logits = logits[:, :-1].float()
+    tok = torch.log_softmax(logits, -1).gather(-1, flat[:, 1:, None])[..., 0]
+    target = torch.arange(1, t)[None]
+    scored = ((target >= torch.tensor(starts.reshape(4, 1)))
+              & (target < torch.tensor(lengths.reshape(4, 1)))).float()
+    ref_logps = (tok * scored).sum(-1) / scored.sum(-1)
+    ref_mean = (logits.mean(-1) * scored).sum(-1) / scored.sum(-1)
+    (ref_logps * torch.tensor(weights.reshape(4))).sum().backward()
+
+    np.testing.assert_allclose(np.asarray(logps).reshape(4), ref_logps.detach().numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(mean_logits).reshape(4), ref_mean.detach().numpy(),
+                               atol=1e-5)
+    ours_grads = models.to_hf_tensors(graphdef, grads)
+    for key, p in hf.named_parameters():
+        if p.grad is None:
+            continue
+        ref = p.grad.numpy()
+        err = np.abs(np.asarray(ours_grads[key]) - ref).max() / max(np.abs(ref).max(), 1e-12)
+        assert err < 1e-5, (key, err)
