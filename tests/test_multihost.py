@@ -77,7 +77,9 @@ def by_step(out):
 def assert_same_metrics(got, ref):
     for key in ref:
         if key[1] not in WALL_CLOCK:
-            assert got[key] == pytest.approx(ref[key], abs=1e-5), key
+            # float32 sums in another order over the processes' shards: relative 1e-5 on
+            # values like a grad_norm of 11.5, absolute 1e-5 near zero
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-5), key
 
 
 @pytest.fixture(scope="module")
