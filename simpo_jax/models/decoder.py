@@ -311,10 +311,9 @@ class CausalLM(nnx.Module):
 
     def logits_from_hidden(self, h):
         """LM head (or tied embedding) in float32, then gemma2's final softcap."""
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h, preferred_element_type=jnp.float32)
+        h_ND = h.reshape(-1, h.shape[-1]).astype(self.dtype)  # 2-D, as layers.Linear
+        logits = jnp.einsum("nd,vd->nv", h_ND, self.head_weight(),
+                            preferred_element_type=jnp.float32).reshape(h.shape[:-1] + (-1,))
         cap = self.arch.final_softcap
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
@@ -325,19 +324,6 @@ class CausalLM(nnx.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.weight[...].astype(self.dtype)
         return self.lm_head.kernel()
-
-    def target_logits(self, h_ND, targets_N):
-        """logits_from_hidden(h)[n, targets[n]] without the [N, V] logits: a row gather of the head.
-
-        Its gradient touches N rows of the head instead of scattering into an [N, V] array.
-        """
-        w = (self.model.embed_tokens if self.lm_head is None else self.lm_head).weight[...]
-        rows = jnp.take(w, targets_N, axis=0).astype(h_ND.dtype)
-        logits = jnp.einsum("nd,nd->n", h_ND, rows, preferred_element_type=jnp.float32)
-        cap = self.arch.final_softcap
-        if cap is not None:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
                  branch_ids=None):

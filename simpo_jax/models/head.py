@@ -65,7 +65,7 @@ def _unchunked(x_K, n):
 
 
 def _target_logits(h_ND, w_VD, targets_N, cap):
-    """Capped logits[n, t_n] by a row gather of W (as CausalLM.target_logits)."""
+    """Capped logits[n, t_n] by a row gather of W: its gradient touches N rows of W."""
     rows_ND = jnp.take(w_VD, targets_N, axis=0).astype(h_ND.dtype)
     raw = lax.dot_general(h_ND, rows_ND, (((1,), (1,)), ((0,), (0,))),
                           preferred_element_type=F32)

@@ -65,7 +65,7 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding [V, D]; `attend` is the tied LM head."""
+    """Token embedding [V, D] (also the tied LM head: CausalLM.head_weight)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, *, std: float, dtype, param_dtype,
                  rngs: nnx.Rngs):
@@ -74,10 +74,6 @@ class Embed(nnx.Module):
 
     def __call__(self, ids_BT):
         return jnp.take(self.weight[...], ids_BT, axis=0).astype(self.dtype)
-
-    def attend(self, h_BTD):
-        return jnp.einsum("...d,vd->...v", h_BTD.astype(self.dtype),
-                          self.weight[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
 
 NORM_KINDS = ("llama", "gemma", "olmo2")
