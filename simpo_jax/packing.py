@@ -169,9 +169,8 @@ def scored_count(pairs, row) -> int:
 def row_score_width(counts, row_length: int, group_rows: int = 1) -> int:
     """N for score groups of `group_rows` rows with these scored-token totals: the largest total
     per row, rounded up to row_length / (8 * group_rows)."""
-    step = max(row_length // (SCORE_BUCKETS * group_rows), 1)
     per_row = -(-max(counts, default=1) // group_rows)
-    return min(max(-(-per_row // step) * step, step), row_length)
+    return _round_up(per_row, max(row_length // (SCORE_BUCKETS * group_rows), 1), row_length)
 
 
 def visible_ranges(pairs, row, layout: str) -> list:
@@ -213,8 +212,13 @@ def block_pairs(pairs, row, layout: str, row_length: int) -> np.ndarray:
 def block_width(counts, row_length: int) -> int:
     """M for rows with these block-pair counts: the largest, rounded up to half a row's blocks."""
     nb = -(-row_length // SPARSE_BLOCK)
-    step = max(nb // 2, 1)
-    return min(max(-(-max(counts, default=1) // step) * step, step), nb * (nb + 1) // 2)
+    return _round_up(max(counts, default=1), max(nb // 2, 1), nb * (nb + 1) // 2)
+
+
+def _round_up(value: int, step: int, cap: int) -> int:
+    """value rounded up to a multiple of step (at least one step), at most cap: a width that
+    takes few distinct values, so few shapes compile."""
+    return min(max(-(-value // step) * step, step), cap)
 
 
 def _first_scored(prompt: int) -> int:
@@ -297,9 +301,9 @@ def make_rows(pairs, rows, *, layout: str, pad_id: int, row_length: int, max_pai
     out["score_index"] = np.zeros((r // g, g * n), np.int32)
     out["score_target"] = np.full((r // g, g * n), pad_id, np.int32)
     out["score_slot"] = np.full((r // g, g * n), -1, np.int32)
+    # Row k of a group: its row index offset by k * T, its pair slots by k * P.
+    offset = {"score_index": t, "score_target": 0, "score_slot": 2 * p}
     for j, members in enumerate(groups):
-        # Row k of the group: its row index offset by k * T, its pair slots by k * P.
-        offset = {"score_index": t, "score_target": 0, "score_slot": 2 * p}
         for key in score:
             parts = [np.asarray(x, np.int64) + k * offset[key]
                      for k, b in enumerate(members) for x in score[key][b]]

@@ -109,7 +109,7 @@ def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
                                  branch_ids=batch["branch_ids"],
                                  attention_blocks=batch["attention_blocks"])
     r, t, d = hidden.shape
-    groups, gn = batch["score_index"].shape  # score groups of g = r / groups rows (packing.py)
+    groups = batch["score_index"].shape[0]  # score groups of g = r / groups rows (packing.py)
     h = jnp.take_along_axis(hidden.reshape(groups, r // groups * t, d),
                             batch["score_index"][..., None], axis=1)  # [R/g, g*N, D]
     tok_logps, tok_mean_logits = scored_token_stats(h, model, batch["score_target"],
