@@ -28,9 +28,11 @@ from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
 from simpo_jax import packing
+from simpo_jax import paths
 from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
+from simpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,6 @@ class Run:
         return nnx.merge(self.graphdef, params, *(() if self.frozen is None else (self.frozen,)))
 
 
-def resolve_path(path: str) -> str:
-    """A relative path as given if it exists from here, else relative to the repository root."""
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidate = os.path.join(root, path)
-    return candidate if os.path.exists(candidate) else path
-
-
 def pretrained_paths(config) -> tuple[str, str]:
     """(model folder or "" for model_init, tokenizer folder): local paths, Hub ids downloaded."""
     model = tokenizer = ""
@@ -91,7 +84,7 @@ def model_config(config, tokenizer, model_path: str) -> dict:
             return json.load(f)
     hf_config = config.model_init.to_dict()
     if hf_config["vocab_size"] < len(tokenizer):
-        raise config_lib.UserError(f"config.model_init.vocab_size={hf_config['vocab_size']} is smaller than the "
+        raise UserError(f"config.model_init.vocab_size={hf_config['vocab_size']} is smaller than the "
                          f"tokenizer's {len(tokenizer)} tokens.")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf_config[name] = getattr(tokenizer, name)
@@ -147,7 +140,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     global_batch = config.per_device_train_batch_size * dp * config.gradient_accumulation_steps
     eval_batch = config.per_device_eval_batch_size * dp
     if global_batch % jax.process_count() or eval_batch % jax.process_count():
-        raise config_lib.UserError(f"The global batch of {global_batch} pairs does not split over "
+        raise UserError(f"The global batch of {global_batch} pairs does not split over "
                          f"{jax.process_count()} processes.")
     if with_data:
         print(f"effective batch size: {global_batch} pairs = per_device_train_batch_size "
@@ -159,7 +152,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     # seconds, not minutes.
     if with_data:
         for name in config.dataset_mixer:
-            if data_lib.formats.resolve_local(name) is None and not data_lib.formats.looks_local(name):
+            if paths.resolve_local(name) is None and not paths.looks_local(name):
                 hub.check_dataset(name)
     model_path, tokenizer_path = pretrained_paths(config)
     if with_data and config.push_to_hub and jax.process_index() == 0:
@@ -185,7 +178,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
                   f"rows per step, {data.train.num_pairs / steps_per_epoch:.1f} pairs per step on "
                   "average", flush=True)
         if steps_per_epoch < 1:
-            raise config_lib.UserError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
+            raise UserError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
                              f"global batch of {global_batch}.")
         total_steps = total_train_steps(config, steps_per_epoch)
 
@@ -243,7 +236,7 @@ def add_lora(config, graphdef, params, mesh):
     the loaded model's target projections, sharded as their base weights."""
     model = nnx.merge(graphdef, params)
     if model.arch.model_type in lora_lib.UNSUPPORTED_MODEL_TYPES:
-        raise config_lib.UserError(
+        raise UserError(
             f"config.lora_rank={config.lora_rank}: LoRA is not supported for model_type "
             f"{model.arch.model_type!r} yet (its PEFT module names differ from ours); set "
             "lora_rank=0 for full fine-tuning.")
@@ -264,7 +257,7 @@ def packing_plan(config, pairs, data_parallel: int) -> dict:
         config.per_device_train_batch_size * items.mean() / (0.95 * row_length)))
     global_rows = rows * data_parallel * config.gradient_accumulation_steps
     if global_rows % jax.process_count():
-        raise config_lib.UserError(f"{global_rows} packed rows per step do not split over "
+        raise UserError(f"{global_rows} packed rows per step do not split over "
                          f"{jax.process_count()} processes: set config.pack_rows_per_device.")
     return {"layout": layout, "row_length": int(row_length), "rows_per_device": int(rows),
             "global_rows": int(global_rows), "max_pairs_per_row": config.pack_max_pairs_per_row}
@@ -304,7 +297,7 @@ def resume(run: Run, check: tuple[str, ...]) -> int:
     config = run.config
     checkpointer, step = run.checkpointer, None
     if config.resume_from:
-        path = os.path.abspath(resolve_path(config.resume_from))
+        path = paths.resolve_local(config.resume_from) or os.path.abspath(config.resume_from)
         checkpointer = ckpt_lib.Checkpointer(os.path.dirname(path), save_total_limit=0)
         step = int(os.path.basename(path))
 
@@ -312,14 +305,14 @@ def resume(run: Run, check: tuple[str, ...]) -> int:
         for key in check:
             if meta.get(key, META_DEFAULTS.get(key)) != run.meta[key]:
                 if key == "memory":
-                    raise config_lib.UserError(
+                    raise UserError(
                         f"Checkpoint {checkpointer.directory}/{step} holds a state of "
                         f"{_short(meta.get(key, META_DEFAULTS[key]))} but this run asks for "
                         f"{_short(run.meta[key])}: the optimizer moments and master weights are "
                         "stored in those dtypes and cannot be converted on resume. Resume with "
                         "the checkpoint's settings, or start a new output_dir (from an exported "
                         "model) to change them.")
-                raise config_lib.UserError(
+                raise UserError(
                     f"Checkpoint {checkpointer.directory}/{step} was written with a different "
                     f"{key}: {_short(meta.get(key))} there, {_short(run.meta[key])} now. Use a new "
                     "output_dir, or restore the settings of that run.")

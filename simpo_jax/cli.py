@@ -10,7 +10,8 @@ import shlex
 import sys
 
 from simpo_jax import config as config_lib
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
+from simpo_jax import paths
 
 MODES = ("train", "eval", "export", "lr_find", "plot", "plan", "generate", "rm_eval")
 BUILDING_MODES = ("train", "eval", "export", "lr_find", "generate", "rm_eval")  # load a model
@@ -60,9 +61,7 @@ def preflight(config, mode: str, source: str = "") -> None:
 
         data_lib.check_paths(config.dataset_mixer)
     if config.resume_from:
-        from simpo_jax.data import formats
-
-        path = formats.resolve_local(config.resume_from)
+        path = paths.resolve_local(config.resume_from)
         if path is None or not os.path.isdir(path) or not os.path.basename(
                 os.path.abspath(path)).isdigit():
             steps = checkpoint_steps(config.output_dir)

@@ -7,14 +7,7 @@ import difflib
 import ml_collections
 
 from simpo_jax import lora, precision
-
-
-class UserError(ValueError):
-    """A mistake in the config, the data or the output folder; the message names it and the fix.
-
-    run.py prints it as one line (`run.py: error: ...`, exit status 2) without a traceback; any
-    other exception is a bug and keeps its traceback.
-    """
+from simpo_jax.errors import UserError
 
 
 CHOICES = {

@@ -15,7 +15,7 @@ from simpo_jax import loss as loss_lib
 from simpo_jax import report
 from simpo_jax import step as step_lib
 from simpo_jax.build import Run, build, to_global
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.models import generate
 
 

@@ -7,7 +7,8 @@ import logging
 import os
 import re
 
-from simpo_jax.config import UserError
+from simpo_jax.errors import HubError
+from simpo_jax.paths import looks_local, resolve_local
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,6 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
-class HubError(UserError):
-    """A model, tokenizer or data set that cannot be had from the Hub; the message names the fix."""
-
-
 def resolve_pretrained(name_or_path: str, *, revision: str = "", weights: bool = True,
                        field: str = "model_name_or_path") -> str:
     """A local folder for `name_or_path`: as given if it exists, else a download of that Hub repo.
@@ -160,8 +157,6 @@ def resolve_pretrained(name_or_path: str, *, revision: str = "", weights: bool =
     run process 0 downloads first and the others then fetch the same commit, so no two processes
     on one host write a cache file at once (and each host of a pod fills its own cache).
     """
-    from simpo_jax.data.formats import looks_local, resolve_local
-
     local = resolve_local(name_or_path)
     if local is not None:
         if weights:  # the same checks as a download gets, before anything is read

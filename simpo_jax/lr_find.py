@@ -9,10 +9,10 @@ import shutil
 import jax
 import ml_collections
 
-from simpo_jax import config as config_lib
 from simpo_jax import optim
 from simpo_jax import plots
 from simpo_jax.build import build, train_batch_iterator
+from simpo_jax.errors import UserError
 
 
 def sweep_range(config) -> tuple[float, float]:
@@ -20,7 +20,7 @@ def sweep_range(config) -> tuple[float, float]:
     low = config.lr_find_min or config.learning_rate / config.lr_find_span
     high = config.lr_find_max or config.learning_rate * config.lr_find_span
     if not 0 < low < high:
-        raise config_lib.UserError(
+        raise UserError(
             f"lr_find_min={config.lr_find_min:g}, lr_find_max={config.lr_find_max:g} "
             f"(learning_rate={config.learning_rate:g}, lr_find_span={config.lr_find_span:g}) give a sweep from "
             f"{low:g} to {high:g}: the first rate must be positive and below the last.")

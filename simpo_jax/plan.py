@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from simpo_jax import config as config_lib
 from simpo_jax import flops
 from simpo_jax import lora as lora_lib
 from simpo_jax import loss as loss_lib
@@ -37,6 +36,8 @@ from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
 from simpo_jax.models.layers import SPARSE_BLOCK
+from simpo_jax.errors import UserError
+from simpo_jax import paths
 
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
@@ -80,11 +81,10 @@ LIBTPU_LOCKED_MESSAGE = (
 
 def hf_config_of(config) -> dict:
     """config.json of the model: a local folder's, a Hub name's shipped copy, or model_init."""
-    from simpo_jax.build import resolve_path
 
     name = config.model_name_or_path
     if name:
-        path = resolve_path(name)
+        path = paths.resolve_local(name) or name
         if os.path.isfile(os.path.join(path, "config.json")):
             with open(os.path.join(path, "config.json")) as f:
                 return json.load(f)
@@ -92,7 +92,7 @@ def hf_config_of(config) -> dict:
         if os.path.isfile(shipped):
             with open(shipped) as f:
                 return json.load(f)
-        raise config_lib.UserError(
+        raise UserError(
             f"model_name_or_path={name!r}: no config.json there and no shipped copy "
             f"{shipped}; point it at a local folder, or use one of "
             f"{sorted(f[:-5].replace('__', '/') for f in os.listdir(ASSETS))}.")
@@ -115,7 +115,7 @@ def _tpu_devices(topology_name: str) -> list:
         topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
     except Exception as e:  # jax.errors.JaxRuntimeError from libtpu's start
         if any(word in str(e) for word in LIBTPU_LOCKED):
-            raise config_lib.UserError(LIBTPU_LOCKED_MESSAGE) from None
+            raise UserError(LIBTPU_LOCKED_MESSAGE) from None
         raise
     return list(topology.devices)
 
@@ -337,7 +337,7 @@ def capacity_per_device(target: Target, devices) -> int:
 def plan(config) -> dict:
     """Plans the train step on config.plan_target; prints a table, writes <output_dir>/plan.json."""
     if config.plan_target not in TARGETS:
-        raise config_lib.UserError(f"plan_target={config.plan_target!r}: must be one of {sorted(TARGETS)}.")
+        raise UserError(f"plan_target={config.plan_target!r}: must be one of {sorted(TARGETS)}.")
     target = TARGETS[config.plan_target]
     hf_config = hf_config_of(config)
     tpu_compiler = uses_tpu_compiler(target, config)

@@ -12,7 +12,6 @@ import time
 import jax
 
 from simpo_jax import checkpoint as ckpt_lib
-from simpo_jax import config as config_lib
 from simpo_jax import doctor
 from simpo_jax import flops
 from simpo_jax import hub
@@ -23,6 +22,7 @@ from simpo_jax import precision
 from simpo_jax import report
 from simpo_jax.build import Run, build, train_batch_iterator
 from simpo_jax.evaluation import eval_round
+from simpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def export_checkpoint(config) -> str:
     """--mode=export: the latest checkpoint (or config.resume_from) as a Hugging Face folder."""
     run = build(config, with_data=False)
     if run.start_step == 0 and not config.resume_from:
-        raise config_lib.UserError(f"No checkpoint to export under {run.checkpointer.directory}; train first "
+        raise UserError(f"No checkpoint to export under {run.checkpointer.directory}; train first "
                          "or set config.resume_from to a checkpoint step folder.")
     run.checkpointer.close()
     out_dir = export(run, config.export_dir or config.output_dir)

@@ -12,7 +12,7 @@ import pytest
 
 from simpo_jax import cli
 from simpo_jax import config as config_lib
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFS = os.path.join(ROOT, "assets", "tiny_prefs")

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from simpo_jax import data as data_lib
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.data import formats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

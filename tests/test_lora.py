@@ -23,6 +23,7 @@ from simpo_jax import models
 from simpo_jax.models import hf
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
+from simpo_jax.errors import UserError
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
@@ -183,7 +184,7 @@ def test_config_validation_names_the_field():
         bad = tiny.get_config()
         bad.lora_rank = 8
         setattr(bad, field, value)
-        with pytest.raises(config_lib.UserError, match=words):
+        with pytest.raises(UserError, match=words):
             config_lib.validate(bad)
 
 
@@ -276,7 +277,7 @@ def test_lora_resume_is_exact_and_refuses_other_lora_settings(lora_run, tmp_path
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "40")
     # Same shapes, another scale: only the checkpoint's meta can tell.
-    with pytest.raises(config_lib.UserError, match="different lora"):
+    with pytest.raises(UserError, match="different lora"):
         build_lib.build(tiny_config(resumed, lora_alpha=32.0), with_data=False)
     # Same config.json, other weights: the base's fingerprint tells.
     other_base = tmp_path / "other_base"
@@ -285,7 +286,7 @@ def test_lora_resume_is_exact_and_refuses_other_lora_settings(lora_run, tmp_path
     key = "model.layers.0.mlp.up_proj.weight"
     tensors[key] = tensors[key] + np.float32(1e-3)
     save_file(tensors, str(other_base / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(config_lib.UserError, match="different lora"):
+    with pytest.raises(UserError, match="different lora"):
         build_lib.build(tiny_config(resumed, model_name_or_path=str(other_base)), with_data=False)
     train.train(tiny_config(resumed))
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -355,7 +356,7 @@ def test_tiny_lora_run_on_an_int8_base_learns(tmp_path):
     accuracy = [r["eval_rewards/accuracies"] for r in read_rows(tmp_path / "int8")
                 if "eval_loss" in r]
     assert accuracy[0] <= 0.6 and accuracy[-1] >= 0.8, accuracy
-    with pytest.raises(config_lib.UserError, match="lora_base_quantization.*lora_rank > 0"):
+    with pytest.raises(UserError, match="lora_base_quantization.*lora_rank > 0"):
         config_lib.validate(tiny_config(tmp_path / "x", lora_rank=0,
                                         lora_base_quantization="int8"))
 

@@ -15,7 +15,7 @@ from scipy import stats
 from configs import tiny
 from simpo_jax import cli, models
 from simpo_jax import sharding as sharding_lib
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.data import formats
 from simpo_jax.models import generate as greedy_lib
 from simpo_jax.onpolicy import generate as generate_lib

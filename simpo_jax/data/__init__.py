@@ -2,7 +2,7 @@
 
 Public: DataConfig, check_paths, load_tokenizer, build_datasets, write_report, train_batches,
 eval_batches, steps_per_epoch, padding_efficiency. Batch format: see batching.py. Mistakes in the
-data or its settings raise config.UserError, naming the entry, file, row or field and the fix.
+data or its settings raise errors.UserError, naming the entry, file, row or field and the fix.
 """
 
 import dataclasses
@@ -12,11 +12,12 @@ import os
 
 import numpy as np
 
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.data import formats
 from simpo_jax.data.batching import (default_buckets, eval_batches, padding_efficiency,
                                      steps_per_epoch, train_batches)
 from simpo_jax.data.tokenize import TokenizeSettings, tokenize_pair
+from simpo_jax import paths
 
 __all__ = ["DataConfig", "TokenizedPairs", "PreferenceData", "check_paths", "load_tokenizer",
            "build_datasets", "write_report", "format_report", "train_batches", "eval_batches",
@@ -133,14 +134,14 @@ def check_paths(dataset_mixer) -> None:
     Reads nothing and asks no server, so a run can call it before anything is loaded.
     """
     for name in dataset_mixer:
-        if formats.looks_local(name) and formats.resolve_local(name) is None:
+        if paths.looks_local(name) and paths.resolve_local(name) is None:
             raise formats.missing_path(name)
 
 
 def load_tokenizer(data_config: DataConfig):
     """The tokenizer from a local folder (resolved like dataset paths); never runs remote code."""
     from transformers import AutoTokenizer
-    path = formats.resolve_local(data_config.tokenizer_name_or_path) or \
+    path = paths.resolve_local(data_config.tokenizer_name_or_path) or \
         data_config.tokenizer_name_or_path
     if not path:
         raise UserError("tokenizer_name_or_path and model_name_or_path are both empty; set one "
@@ -173,7 +174,7 @@ def chat_template_text(value: str) -> str:
     if value == "alignment_handbook":
         return ALIGNMENT_HANDBOOK_TEMPLATE
     if value.endswith(".jinja"):
-        path = formats.resolve_local(value)
+        path = paths.resolve_local(value)
         if path is None:
             raise UserError(f"chat_template={value!r}: no such file; give a .jinja file, "
                             "Jinja text, or 'alignment_handbook'.")
@@ -257,7 +258,7 @@ def _read_split(data_config: DataConfig, split, role: str):
 
 
 def _no_train_split(name: str, split: str) -> UserError:
-    local = formats.resolve_local(name)
+    local = paths.resolve_local(name)
     where = (f"{local} has no {split!r} or 'train' split (a {split}.* or train.* file, * = "
              f"{'/'.join(e[1:] for e in formats.FILE_EXTENSIONS)}, or a split of a saved data set)"
              if local else f"the data set has no split {split!r}")

@@ -4,11 +4,10 @@ import csv
 import json
 import os
 
-from simpo_jax.config import UserError
+from simpo_jax.errors import HubError, UserError
+from simpo_jax.paths import FILE_EXTENSIONS, REPO_ROOT, looks_local, resolve_local
 
 FORMATS = ("auto", "ultrafeedback", "messages", "distilabel_math", "plain")
-FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class BadRow(Exception):
@@ -20,21 +19,6 @@ class BadRow(Exception):
 
 
 # --- Paths -------------------------------------------------------------------------------------
-
-def resolve_local(path: str) -> str | None:
-    """An existing local path: as given, against the current directory, then the repository root."""
-    if not path:
-        return None
-    for candidate in (path, os.path.join(os.getcwd(), path), os.path.join(REPO_ROOT, path)):
-        if os.path.exists(candidate):
-            return os.path.abspath(candidate)
-    return None
-
-
-def looks_local(path: str) -> bool:
-    return (path.startswith(("/", "./", "../", "~")) or path.endswith(FILE_EXTENSIONS)
-            or os.sep + os.sep in path or path.count("/") > 1)
-
 
 def missing_path(name_or_path: str) -> UserError:
     """The error for a dataset_mixer entry that names a local path that does not exist."""
@@ -164,7 +148,6 @@ def _load_hub(name: str, split: str, cache_dir: str):
 
 
 def _hub_error(name: str, offline: bool, err: Exception) -> UserError:
-    from simpo_jax.hub import HubError
 
     why = ("the Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the "
            "datasets cache") if offline else f"{type(err).__name__}: {_one_line(str(err))}"

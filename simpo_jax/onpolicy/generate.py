@@ -29,7 +29,7 @@ from simpo_jax import build as build_lib
 from simpo_jax import data as data_lib
 from simpo_jax import hub
 from simpo_jax import sharding as sharding_lib
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.onpolicy import pairs as pairs_lib
 from simpo_jax.onpolicy import prompts as prompts_lib
 from simpo_jax.onpolicy import reward, sampling

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.data import formats
 from simpo_jax.data.tokenize import truncate_prompt
 

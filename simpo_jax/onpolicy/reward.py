@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from simpo_jax import sharding as sharding_lib
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.models import arch_from_hf_config
 from simpo_jax.models import layers as L
 from simpo_jax.models.decoder import CausalLM

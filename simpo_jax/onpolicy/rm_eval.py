@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from simpo_jax import checkpoint as ckpt_lib
-from simpo_jax.config import UserError
+from simpo_jax.errors import UserError
 from simpo_jax.onpolicy import generate as generate_lib
 from simpo_jax.onpolicy import pairs as pairs_lib
 from simpo_jax.onpolicy import prompts as prompts_lib
