@@ -30,6 +30,28 @@ def load(path):
     return module.get_config(), module.__doc__
 
 
+def test_base_fields_and_defaults_are_unchanged():
+    """configs/base.py's fields, value types and defaults: the recipes and guides rely on them."""
+    import ml_collections
+
+    from configs import base
+
+    config = base.get_config()
+    got = []
+    for name, value in config.items(preserve_field_references=True):
+        if isinstance(value, ml_collections.FieldReference):
+            assert value.get_type() == (dict, ml_collections.ConfigDict), name
+            value = value.get()
+        kind = type(value).__name__
+        if isinstance(value, ml_collections.ConfigDict):
+            assert value.is_type_safe, name
+            value = value.to_dict()
+        got.append([name, kind, list(value) if isinstance(value, tuple) else value])
+    with open(os.path.join(ROOT, "tests", "fixtures", "base_config_defaults.json")) as f:
+        assert got == json.load(f)
+    assert config.dataset_mixer.allow_dotted_keys  # dots in paths and Hub names
+
+
 def test_all_recipes_exist():
     assert RECIPES <= {os.path.basename(p)[:-3] for p in FILES}
 
