@@ -8,7 +8,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from simpo_jax import cli
+from simpo_jax import cli  # light: jax and the model load inside cli.main, so --help is quick
 from simpo_jax import config as config_lib
 
 
@@ -82,8 +82,6 @@ def flag_error(message: str) -> str:
 
 def main(argv):
     del argv
-    from simpo_jax import cli  # after flag parsing, so --help stays fast
-
     cli.main(_CONFIG.value, _MODE.value, argv=sys.argv)
 
 

@@ -131,7 +131,7 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 
 def build(config, *, with_data: bool = True, schedule=None) -> Run:
     """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps."""
-    config_lib.validate(config)
+    config = config_lib.validate(config)
     sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
                                         config.process_id)
     os.makedirs(config.output_dir, exist_ok=True)

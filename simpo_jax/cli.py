@@ -22,7 +22,7 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
     """Runs `mode` on `config`; `argv` (run.py's sys.argv) names the config file in errors and
     builds the commands of the closing summary. A UserError is one line and exit status 2."""
     try:
-        preflight(config, mode, config_source(argv))
+        config = preflight(config, mode, config_source(argv))
         avoid_tpu_probe()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
@@ -44,8 +44,12 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
     return result
 
 
-def preflight(config, mode: str, source: str = "") -> None:
-    """The checks that need nothing loaded: fields, values, data paths, checkpoints to read."""
+def preflight(config, mode: str, source: str = ""):
+    """The checks that need nothing loaded: fields, values, mesh, data paths, checkpoints to read.
+
+    Returns the validated run config (choice fields as enums) for the modes that build a model,
+    `config` itself for the others.
+    """
     if mode not in MODES:
         raise UserError(f"--mode={mode!r}: must be one of {list(MODES)}.")
     if mode not in BUILDING_MODES:
@@ -54,8 +58,10 @@ def preflight(config, mode: str, source: str = "") -> None:
             raise UserError(f"--mode=plot: no metrics.jsonl in {config.output_dir}"
                             f"{missing_output_dir(config)}; train first or check "
                             "config.output_dir.")
-        return
-    config_lib.validate(config, source)
+        return config
+    config = config_lib.validate(config, source)
+    check_hub_model_id(config.hub_model_id)
+    check_mesh_size(config)
     if mode in DATA_MODES:
         from simpo_jax import data as data_lib
 
@@ -75,6 +81,36 @@ def preflight(config, mode: str, source: str = "") -> None:
                         f"{missing_output_dir(config)}. Train first (the same command without "
                         "--mode), check config.output_dir, or set config.resume_from to a "
                         "checkpoint step folder.")
+    return config
+
+
+def check_hub_model_id(repo_id: str) -> None:
+    """The Hub's own repo-id rules, at the start rather than at the upload after training."""
+    if not repo_id:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(f"config.hub_model_id={repo_id!r}: not a Hub repo id ({e}); give "
+                        "'your-name/model-name'.") from None
+
+
+def check_mesh_size(config) -> None:
+    """mesh_data x mesh_fsdp x mesh_tensor against this machine's devices, before any data.
+
+    A multi-process run learns its devices only after joining the others (build does that), so
+    its mesh is checked there.
+    """
+    if config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return
+    avoid_tpu_probe()  # before jax starts its backends
+    import jax
+
+    from simpo_jax import sharding
+
+    sharding.mesh_shape(sharding.MeshConfig.from_config(config), jax.device_count())
 
 
 def avoid_tpu_probe() -> None:

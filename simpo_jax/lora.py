@@ -27,10 +27,11 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
 from simpo_jax import sharding as sharding_lib
+from simpo_jax.config.schema import LoraQuantization, LoraTarget
 from simpo_jax.models import hf
 from simpo_jax.models import layers as layers_lib
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = LoraTarget.values()
 # Checkpoint layouts whose PEFT keys differ from our module paths: phi3 fuses q/k/v and gate/up
 # (one adapter per fused tensor in PEFT), gemma3 nests the language model in a multimodal one.
 UNSUPPORTED_MODEL_TYPES = ("phi3", "gemma3")
@@ -96,7 +97,7 @@ def add_adapters(model, cfg: LoraConfig, *, mesh=None, seed: int = 0,
     return model
 
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = LoraQuantization.values()
 
 
 def quantize_base(model, target_modules, *, mesh=None):

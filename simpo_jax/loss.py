@@ -10,8 +10,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-LOSS_TYPES = ("sigmoid", "hinge")
-
 # Metric names of the reference implementations (TRL's CPO/SimPO trainers), reduced by
 # `finalize_metrics` from the per-batch sums `pair_metric_sums` returns.
 PAIR_METRICS = (
@@ -43,11 +41,6 @@ def simpo_loss(chosen_logps, rejected_logps, *, beta, gamma_beta_ratio, loss_typ
     sigmoid: -log σ(β·z)·(1-ε) - log σ(-β·z)·ε;  hinge: max(0, 1 - β·z) (ε does not apply).
     Returns (losses, chosen_rewards, rejected_rewards), rewards = β·avg_logp without gradient.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: must be one of {LOSS_TYPES}.")
-    if loss_type == "hinge" and label_smoothing:
-        raise ValueError(f"label_smoothing={label_smoothing} does not apply to loss_type='hinge'; "
-                         "set label_smoothing=0.0 or use loss_type='sigmoid'.")
     z = chosen_logps - rejected_logps - gamma_beta_ratio
     if loss_type == "sigmoid":
         losses = (-jax.nn.log_sigmoid(beta * z) * (1.0 - label_smoothing)

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-MASTER_WEIGHTS = ("float32", "bfloat16_stochastic", "bfloat16_kahan")
-STATE_DTYPES = ("float32", "bfloat16")
+from simpo_jax.config.schema import MasterWeights, StateDtype
+
+MASTER_WEIGHTS = MasterWeights.values()
+STATE_DTYPES = StateDtype.values()
 
 
 def param_dtype(master_weights: str):

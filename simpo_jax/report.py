@@ -15,8 +15,10 @@ import time
 
 import jax
 
+from simpo_jax.config.schema import ReportSink
+
 log = logging.getLogger(__name__)
-SINKS = ("tensorboard", "wandb")
+SINKS = ReportSink.values()
 
 
 class MetricsWriter:

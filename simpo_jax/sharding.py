@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from simpo_jax.errors import UserError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -59,24 +61,22 @@ class MeshConfig:
 
 
 def mesh_shape(mesh_config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 entries; error names the field when the device count does not divide."""
+    """Resolve the -1 entry; UserError when the sizes do not match the device count.
+
+    Each size positive or -1, at most one -1: the config schema checked that.
+    """
     sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp, "tensor": mesh_config.tensor}
     fill = [k for k, v in sizes.items() if v == -1]
-    if len(fill) > 1:
-        raise ValueError(f"At most one of mesh_data/mesh_fsdp/mesh_tensor may be -1, got {sizes}.")
-    for k, v in sizes.items():
-        if v == 0 or v < -1:
-            raise ValueError(f"mesh_{k}={v}: must be a positive integer or -1 (fill).")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if fill:
         if num_devices % fixed:
-            raise ValueError(
+            raise UserError(
                 f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes "
                 f"(product {fixed}); choose sizes whose product divides {num_devices}."
             )
         sizes[fill[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(
+        raise UserError(
             f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are "
             "available; set one of mesh_data/mesh_fsdp/mesh_tensor to -1 to fill."
         )

@@ -24,13 +24,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from simpo_jax import loss as loss_lib
 from simpo_jax import packing
 from simpo_jax import sharding as sharding_lib
+from simpo_jax.config.schema import BatchLayout
 from simpo_jax.models import head as head_lib
 
 BATCH_KEYS = ("input_ids", "completion_start", "lengths", "pair_mask")
 PACKED_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "score_index",
                "score_target", "score_slot", "prompt_lengths", "completion_lengths", "pair_mask",
                "attention_blocks")
-BATCH_LAYOUTS = ("padded",) + packing.LAYOUTS
+BATCH_LAYOUTS = BatchLayout.values()
 
 
 @flax.struct.dataclass

@@ -73,9 +73,9 @@ def test_config_validates_and_documents_its_command(path, monkeypatch):
 
 
 def test_original_simpo_yaml_recipe_loads_unchanged():
-    from simpo_jax import recipes
+    from simpo_jax.config import yaml_recipe
 
-    config, notes = recipes.load_yaml_recipe(FIXTURE)
+    config, notes = yaml_recipe.load_yaml_recipe(FIXTURE)
     assert config.beta == 10.0 and config.gamma_beta_ratio == 0.3
     assert config.learning_rate == 1e-6 and isinstance(config.learning_rate, float)
     assert config.num_train_epochs == 1.0 and config.dataset_splits == ("train", "test")
@@ -88,20 +88,20 @@ def test_original_simpo_yaml_recipe_loads_unchanged():
 
 
 def test_unknown_recipe_keys_are_all_listed(tmp_path):
-    from simpo_jax import recipes
+    from simpo_jax.config import yaml_recipe
 
     path = tmp_path / "bad.yaml"
     path.write_text("beta: 2.0\nlora_r: 16\nuse_peft: true\nlearning_rate: 5e-7\n")
     with pytest.raises(ValueError, match=r"unknown recipe keys \['lora_r', 'use_peft'\]"):
-        recipes.load_yaml_recipe(str(path))
+        yaml_recipe.load_yaml_recipe(str(path))
 
 
 def test_gamma_maps_to_ratio(tmp_path):
-    from simpo_jax import recipes
+    from simpo_jax.config import yaml_recipe
 
     path = tmp_path / "gamma.yaml"
     path.write_text("beta: 2.5\ngamma: 1.25\n")
-    config, notes = recipes.load_yaml_recipe(str(path))
+    config, notes = yaml_recipe.load_yaml_recipe(str(path))
     assert config.gamma_beta_ratio == 0.5 and any("gamma" in n for n in notes)
 
 
@@ -182,11 +182,11 @@ def test_dotted_mixer_keys_from_the_command_line():
 
 
 def test_dotted_mixer_keys_from_a_yaml_recipe(tmp_path):
-    from simpo_jax import recipes
+    from simpo_jax.config import yaml_recipe
 
     path = tmp_path / "dotted.yaml"
     path.write_text("dataset_mixer:\n" + "".join(f"  {k}: {v}\n" for k, v in DOTTED.items()))
-    config, _ = recipes.load_yaml_recipe(str(path))
+    config, _ = yaml_recipe.load_yaml_recipe(str(path))
     assert dict(DataConfig.from_config(config).dataset_mixer) == DOTTED
 
 

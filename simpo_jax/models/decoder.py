@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from simpo_jax.config.schema import RematPolicy
 from simpo_jax.models import layers as L
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
+REMAT_POLICIES = ("none",) + RematPolicy.values()  # "none": no gradient_checkpointing
 NORM_LAYOUTS = ("pre", "sandwich", "post")
 QK_NORMS = (None, "head", "projection")
 

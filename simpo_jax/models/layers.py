@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from simpo_jax.config.schema import AttentionImplementation
+
 # Added to masked attention logits: finite, so fully masked (padding) rows give a uniform
 # softmax instead of NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -309,7 +311,7 @@ def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float
     return out.reshape(b, t, h, e)
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = AttentionImplementation.values()
 
 
 def select_attention(impl: str, softcap: float | None, dtype) -> str:

@@ -1,4 +1,4 @@
-"""alignment-handbook / original-SimPO YAML recipes, run unchanged on top of configs/base.py.
+"""alignment-handbook / original-SimPO YAML recipes, run unchanged on top of the schema's defaults.
 
 Keys that are base config fields are taken as they are (same names). Keys that only matter to the
 PyTorch tooling are accepted and reported as ignored or mapped; any other key is an error that
@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 import yaml
+
+from simpo_jax.config.load import defaults
 
 # PyTorch/transformers-only keys: accepted, with the reason they do not apply here.
 IGNORED = {
@@ -55,8 +57,6 @@ def _convert(field: str, value, default):
 
 def load_yaml_recipe(path: str) -> tuple[ml_collections.ConfigDict, list[str]]:
     """(config, notes): the recipe's values over configs/base.py, and what was ignored or mapped."""
-    from configs import base
-
     with open(path) as f:
         try:
             recipe = yaml.safe_load(f) or {}
@@ -64,8 +64,12 @@ def load_yaml_recipe(path: str) -> tuple[ml_collections.ConfigDict, list[str]]:
             raise ValueError(f"{path}: not valid YAML ({e}).") from e
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: a recipe is a mapping of field: value, got {type(recipe).__name__}.")
-    config, notes, unknown = base.get_config(), [], []
+    config, notes, unknown = defaults(), [], []
     gamma = recipe.pop("gamma", None)
+    if gamma is not None and "gamma_beta_ratio" in recipe:
+        raise ValueError(f"{path}: sets both gamma={gamma} and gamma_beta_ratio="
+                         f"{recipe['gamma_beta_ratio']}; keep one (gamma is mapped to "
+                         "gamma_beta_ratio = gamma / beta).")
     for key, value in recipe.items():
         if key in config:
             if key == "report_to":
