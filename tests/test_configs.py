@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from simpo_jax import config as config_lib
 from simpo_jax.data import DataConfig
+from simpo_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -227,3 +228,152 @@ def test_bad_mixer_amount_names_the_entry(amount):
     config.dataset_mixer = {"/data/prefs.v1/train.jsonl": 1.0, "org/data.v2": amount}
     with pytest.raises(ValueError, match=re.escape(f"config.dataset_mixer['org/data.v2']={amount!r}:")):
         config_lib.validate(config)
+
+
+# --- The schema: values, rules between fields, enums, the listing -------------------------------
+
+def tiny_config(**overrides):
+    config, _ = load(os.path.join(ROOT, "configs", "tiny.py"))
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    config.lock()
+    return config
+
+
+@pytest.mark.parametrize("field,value", [("gamma_beta_ratio", float("nan")),
+                                         ("max_grad_norm", float("nan")),
+                                         ("warmup_ratio", float("nan")),
+                                         ("learning_rate", float("inf")),
+                                         ("beta", float("-inf"))])
+def test_non_finite_numbers_are_refused(field, value):
+    with pytest.raises(UserError, match=re.escape(f"config.{field}={value!r}: must be a finite "
+                                                  "number.")):
+        config_lib.validate(tiny_config(**{field: value}))
+
+
+@pytest.mark.parametrize("field,value,valid", [
+    ("adam_beta1", 1.0, "in [0, 1)"), ("adam_beta1", -0.1, "in [0, 1)"),
+    ("adam_beta2", 1.0, "in [0, 1)"), ("adam_epsilon", 0.0, "> 0"),
+    ("max_dropped_fraction", 1.5, "in [0, 1]"), ("warmup_ratio", 1.5, "in [0, 1]"),
+    ("warmup_ratio", -0.1, ">= 0"), ("label_smoothing", 0.5, "in [0, 0.5)"),
+    ("generation_top_p", 0.0, "in (0, 1]"), ("generation_test_fraction", 1.0, "in [0, 1)"),
+    ("mesh_data", 0, "a positive integer or -1 (fill)"), ("max_length", 0, "> 0"),
+    ("lora_rank", -1, "an integer >= 0 (0 = full fine-tuning)"),
+    ("lora_rank", True, "an integer >= 0 (0 = full fine-tuning)"),
+    ("batch_layout", "pakced", "one of ('padded', 'packed', 'shared_prompt')"),
+])
+def test_values_out_of_bounds_name_the_field_and_what_is_valid(field, value, valid):
+    with pytest.raises(UserError, match=re.escape(f"config.{field}={value!r}: must be {valid}.")):
+        config_lib.validate(tiny_config(**{field: value}))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(mesh_data=-1, mesh_fsdp=-1), "At most one of mesh_data/mesh_fsdp/mesh_tensor may be -1"),
+    (dict(batch_layout="packed", pack_row_length=16), r"config.pack_row_length=16 .*set it >= 64"),
+    (dict(batch_layout="shared_prompt", pack_row_length=63), r"pack_row_length=63 is shorter"),
+    (dict(length_buckets=(64, 32)), r"config.length_buckets=\(64, 32\): give increasing"),
+    (dict(length_buckets=(0, 64)), r"config.length_buckets=\(0, 64\): give increasing positive"),
+    (dict(length_buckets=(32, 32, 64)), r"config.length_buckets=\(32, 32, 64\)"),
+    (dict(length_buckets=(16, 32)), r"the last >= max_length=64"),
+    (dict(report_to=("tensorboard", "mlflow")), r"unknown sink\(s\) \['mlflow'\]"),
+])
+def test_rules_between_fields(overrides, message):
+    with pytest.raises(UserError, match=message):
+        config_lib.validate(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize("overrides", [dict(length_buckets=(32, 64, 128)),
+                                       dict(batch_layout="packed", pack_row_length=64),
+                                       dict(batch_layout="padded", pack_row_length=16),
+                                       dict(mesh_data=2, mesh_fsdp=-1, mesh_tensor=2)])
+def test_rules_keep_what_works(overrides):
+    config_lib.validate(tiny_config(**overrides))
+
+
+def test_validated_config_holds_enums_that_read_as_their_strings():
+    from simpo_jax.config import schema
+
+    config = tiny_config(batch_layout="packed", master_weights="bfloat16_kahan")
+    run = config_lib.validate(config)
+    assert run.batch_layout is schema.BatchLayout.PACKED and run.batch_layout == "packed"
+    assert run.master_weights is schema.MasterWeights.BFLOAT16_KAHAN and run.is_locked
+    assert isinstance(config.batch_layout, str) and not isinstance(config.batch_layout,
+                                                                   schema.Choice)
+    # Dumps, messages and metrics read the same: JSON, str, repr and format give the string.
+    assert run.to_json() == config.to_json() and repr(run.to_dict()) == repr(config.to_dict())
+    assert (f"{run.batch_layout} {run.batch_layout!r}", json.dumps({"x": run.loss_type})) == (
+        "packed 'packed'", '{"x": "sigmoid"}')
+    assert config_lib.validate(run).batch_layout is schema.BatchLayout.PACKED
+
+
+def test_choice_lists_live_in_the_schema():
+    from simpo_jax import lora, precision, report, step
+    from simpo_jax.config import schema
+    from simpo_jax.data import formats
+    from simpo_jax.models import decoder, layers
+
+    assert precision.MASTER_WEIGHTS == ("float32", "bfloat16_stochastic", "bfloat16_kahan")
+    for owned, choice in [(precision.MASTER_WEIGHTS, schema.MasterWeights),
+                          (precision.STATE_DTYPES, schema.StateDtype),
+                          (lora.QUANTIZATIONS, schema.LoraQuantization),
+                          (lora.TARGET_MODULES, schema.LoraTarget),
+                          (formats.FORMATS, schema.DataFormat),
+                          (decoder.REMAT_POLICIES[1:], schema.RematPolicy),
+                          (layers.ATTENTION_IMPLS, schema.AttentionImplementation),
+                          (step.BATCH_LAYOUTS, schema.BatchLayout),
+                          (report.SINKS, schema.ReportSink)]:
+        assert owned == choice.values() and all(type(v) is str for v in owned)
+
+
+def test_yaml_recipe_with_gamma_and_gamma_beta_ratio_is_refused(tmp_path):
+    from simpo_jax.config import yaml_recipe
+
+    path = tmp_path / "both.yaml"
+    path.write_text("beta: 2.5\ngamma: 1.25\ngamma_beta_ratio: 0.3\n")
+    with pytest.raises(ValueError, match=r"sets both gamma=1.25 and gamma_beta_ratio=0.3; keep one"):
+        yaml_recipe.load_yaml_recipe(str(path))
+
+
+def test_listing_shows_every_field_by_section():
+    proc = subprocess.run([sys.executable, "-m", "simpo_jax.config"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    fields = [line.split(":")[0].strip() for line in lines if line.startswith("  ")]
+    assert fields == list(json.loads(config_lib.defaults().to_json()))  # configs/base.py order
+    assert sum(line.startswith("--- ") for line in lines) == 13
+    assert "  batch_layout: str = 'padded'  [padded | packed | shared_prompt]  " in proc.stdout
+    assert "  adam_beta2: float = 0.999  [in [0, 1)]  " in proc.stdout
+
+
+def run_py(*args):
+    return subprocess.run([sys.executable, "run.py", "--config=configs/tiny.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.hub_model_id=me/bad name!!"],
+     "run.py: error: config.hub_model_id='me/bad name!!': not a Hub repo id (Repo id must use"),
+    (["--config.mesh_data=3"], "run.py: error: mesh {'data': 3, 'fsdp': -1, 'tensor': 1}: 8 "
+                               "devices are not divisible by the fixed axes (product 3)"),
+    (["--config.batch_layout=packed", "--config.pack_row_length=16"],
+     "run.py: error: config.pack_row_length=16 is shorter than max_length=64"),
+    (["--config.length_buckets=(16, 32)"], "run.py: error: config.length_buckets=(16, 32): give "),
+], ids=["hub_model_id", "mesh_size", "pack_row_length", "length_buckets"])
+def test_config_mistakes_are_one_line_before_any_data(args, expected):
+    # A data path that does not exist: the config's mistake is found before the data is looked at.
+    proc = run_py(*args, '--config.dataset_mixer={"no/such/prefs.jsonl": 1.0}')
+    assert proc.returncode == 2 and not proc.stdout, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(expected), line
+
+
+def test_help_imports_nothing_heavy():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "run.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert "--config" in proc.stdout
+    modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+               if line.startswith("import time:")}
+    heavy = {m for m in modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "transformers",
+                                                       "torch", "numpy", "optax")}
+    assert not heavy, sorted(heavy)

@@ -56,9 +56,13 @@ def test_against_float64_reference(loss_type, eps):
 
 
 def test_hinge_rejects_label_smoothing():
+    from configs import tiny
+    from simpo_jax import config as config_lib
+
+    c = tiny.get_config()
+    c.loss_type, c.label_smoothing = "hinge", 0.1  # the config schema refuses it, before any step
     with pytest.raises(ValueError, match="label_smoothing"):
-        loss_lib.simpo_loss(jnp.zeros(1), jnp.zeros(1), beta=2.0, gamma_beta_ratio=0.5,
-                            loss_type="hinge", label_smoothing=0.1)
+        config_lib.validate(c)
 
 
 def test_rewards_have_no_gradient():

@@ -73,5 +73,10 @@ def test_decay_mask_skips_norms_and_biases():
 
 
 def test_unknown_schedule_names_field():
+    from configs import tiny
+    from simpo_jax import config as config_lib
+
+    c = tiny.get_config()
+    c.lr_scheduler_type = "polynomial"  # the config schema refuses it, before any step
     with pytest.raises(ValueError, match="lr_scheduler_type"):
-        optim.make_schedule(cfg("polynomial"), 10)
+        config_lib.validate(c)
