@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
 from simpo_jax import sharding as sharding_lib
-from simpo_jax.config.schema import LoraQuantization, LoraTarget
+from simpo_jax.config.choices import LoraQuantization, LoraTarget
 from simpo_jax.models import hf
 from simpo_jax.models import layers as layers_lib
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from simpo_jax.config.schema import MasterWeights, StateDtype
+from simpo_jax.config.choices import MasterWeights, StateDtype
 
 MASTER_WEIGHTS = MasterWeights.values()
 STATE_DTYPES = StateDtype.values()

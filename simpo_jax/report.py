@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from simpo_jax.config.schema import ReportSink
+from simpo_jax.config.choices import ReportSink
 
 log = logging.getLogger(__name__)
 SINKS = ReportSink.values()

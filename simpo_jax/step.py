@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from simpo_jax import loss as loss_lib
 from simpo_jax import packing
 from simpo_jax import sharding as sharding_lib
-from simpo_jax.config.schema import BatchLayout
+from simpo_jax.config.choices import BatchLayout
 from simpo_jax.models import head as head_lib
 
 BATCH_KEYS = ("input_ids", "completion_start", "lengths", "pair_mask")

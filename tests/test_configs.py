@@ -291,37 +291,37 @@ def test_rules_keep_what_works(overrides):
 
 
 def test_validated_config_holds_enums_that_read_as_their_strings():
-    from simpo_jax.config import schema
+    from simpo_jax.config import choices
 
     config = tiny_config(batch_layout="packed", master_weights="bfloat16_kahan")
     run = config_lib.validate(config)
-    assert run.batch_layout is schema.BatchLayout.PACKED and run.batch_layout == "packed"
-    assert run.master_weights is schema.MasterWeights.BFLOAT16_KAHAN and run.is_locked
+    assert run.batch_layout is choices.BatchLayout.PACKED and run.batch_layout == "packed"
+    assert run.master_weights is choices.MasterWeights.BFLOAT16_KAHAN and run.is_locked
     assert isinstance(config.batch_layout, str) and not isinstance(config.batch_layout,
-                                                                   schema.Choice)
+                                                                   choices.Choice)
     # Dumps, messages and metrics read the same: JSON, str, repr and format give the string.
     assert run.to_json() == config.to_json() and repr(run.to_dict()) == repr(config.to_dict())
     assert (f"{run.batch_layout} {run.batch_layout!r}", json.dumps({"x": run.loss_type})) == (
         "packed 'packed'", '{"x": "sigmoid"}')
-    assert config_lib.validate(run).batch_layout is schema.BatchLayout.PACKED
+    assert config_lib.validate(run).batch_layout is choices.BatchLayout.PACKED
 
 
 def test_choice_lists_live_in_the_schema():
     from simpo_jax import lora, precision, report, step
-    from simpo_jax.config import schema
+    from simpo_jax.config import choices
     from simpo_jax.data import formats
     from simpo_jax.models import decoder, layers
 
     assert precision.MASTER_WEIGHTS == ("float32", "bfloat16_stochastic", "bfloat16_kahan")
-    for owned, choice in [(precision.MASTER_WEIGHTS, schema.MasterWeights),
-                          (precision.STATE_DTYPES, schema.StateDtype),
-                          (lora.QUANTIZATIONS, schema.LoraQuantization),
-                          (lora.TARGET_MODULES, schema.LoraTarget),
-                          (formats.FORMATS, schema.DataFormat),
-                          (decoder.REMAT_POLICIES[1:], schema.RematPolicy),
-                          (layers.ATTENTION_IMPLS, schema.AttentionImplementation),
-                          (step.BATCH_LAYOUTS, schema.BatchLayout),
-                          (report.SINKS, schema.ReportSink)]:
+    for owned, choice in [(precision.MASTER_WEIGHTS, choices.MasterWeights),
+                          (precision.STATE_DTYPES, choices.StateDtype),
+                          (lora.QUANTIZATIONS, choices.LoraQuantization),
+                          (lora.TARGET_MODULES, choices.LoraTarget),
+                          (formats.FORMATS, choices.DataFormat),
+                          (decoder.REMAT_POLICIES[1:], choices.RematPolicy),
+                          (layers.ATTENTION_IMPLS, choices.AttentionImplementation),
+                          (step.BATCH_LAYOUTS, choices.BatchLayout),
+                          (report.SINKS, choices.ReportSink)]:
         assert owned == choice.values() and all(type(v) is str for v in owned)
 
 

@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from simpo_jax.config import rules
+from simpo_jax.config.rules import check as check_rules
 from simpo_jax.config.schema import CHOICE_FIELDS, FIELDS, Spec
 from simpo_jax.errors import UserError
 
@@ -68,7 +68,7 @@ def validate(config: ml_collections.ConfigDict, source: str = "") -> ml_collecti
     check_fields(config, source)
     for name, spec in FIELDS.items():
         check_value(spec, config[name])
-    rules.check(config)
+    check_rules(config)
     return with_enums(config)
 
 

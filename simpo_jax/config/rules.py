@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simpo_jax.config.schema import BatchLayout, LoraTarget, LossType, ReportSink
+from simpo_jax.config.choices import BatchLayout, LoraTarget, LossType, ReportSink
 from simpo_jax.errors import UserError
 
 DATASET_MIXER_EXAMPLE = '{"/data/prefs.v1/train.jsonl": 1.0, "HuggingFaceH4/ultrafeedback_binarized": 0.5}'

@@ -3,121 +3,21 @@
 Plain Python (no jax, flax or ml_collections), so run.py --help and the JSONL reader stay light.
 A section is a frozen dataclass whose annotations are the field types; `option` puts the default,
 the doc and the bounds beside each field. configs/base.py builds its ConfigDict from these, and
-`python -m simpo_jax.config` lists them. Choice lists live here as StrEnums (a member equals its
-string, formats and JSON-dumps as it); the modules that act on a choice import their tuple from
-here. Rules between fields are in rules.py.
+`python -m simpo_jax.config` lists them. The allowed values of choice fields are the StrEnums of
+choices.py; the rules between fields are in rules.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import typing
 from typing import Any, Callable
 
-
-class Choice(enum.StrEnum):
-    """An allowed value of a config field; repr as its string, so messages and dumps read the same."""
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-    @classmethod
-    def values(cls) -> tuple[str, ...]:
-        return tuple(member.value for member in cls)
-
-
-class RematPolicy(Choice):
-    FULL = "full"
-    DOTS = "dots"
-    DOTS_SAVEABLE = "dots_saveable"
-
-
-class AttentionImplementation(Choice):
-    AUTO = "auto"  # cuDNN on GPU in bf16, else XLA
-    XLA = "xla"
-    CUDNN = "cudnn"
-
-
-class MasterWeights(Choice):
-    FLOAT32 = "float32"
-    BFLOAT16_STOCHASTIC = "bfloat16_stochastic"
-    BFLOAT16_KAHAN = "bfloat16_kahan"
-
-
-class StateDtype(Choice):
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-
-
-class LoraQuantization(Choice):
-    NONE = "none"
-    INT8 = "int8"
-
-
-class LoraTarget(Choice):
-    Q_PROJ = "q_proj"
-    K_PROJ = "k_proj"
-    V_PROJ = "v_proj"
-    O_PROJ = "o_proj"
-    GATE_PROJ = "gate_proj"
-    UP_PROJ = "up_proj"
-    DOWN_PROJ = "down_proj"
-
-
-class DataFormat(Choice):
-    AUTO = "auto"
-    ULTRAFEEDBACK = "ultrafeedback"
-    MESSAGES = "messages"
-    DISTILABEL_MATH = "distilabel_math"
-    PLAIN = "plain"
-
-
-class AssistantHeaderIn(Choice):
-    PROMPT = "prompt"
-    COMPLETION = "completion"
-
-
-class TruncationMode(Choice):
-    KEEP_END = "keep_end"
-    KEEP_START = "keep_start"
-
-
-class LossType(Choice):
-    SIGMOID = "sigmoid"
-    HINGE = "hinge"
-
-
-class LrSchedulerType(Choice):
-    COSINE = "cosine"
-    LINEAR = "linear"
-    CONSTANT_WITH_WARMUP = "constant_with_warmup"
-
-
-class BatchLayout(Choice):
-    PADDED = "padded"
-    PACKED = "packed"
-    SHARED_PROMPT = "shared_prompt"
-
-
-class ReportSink(Choice):
-    TENSORBOARD = "tensorboard"
-    WANDB = "wandb"
-
-
-class ExportDtype(Choice):
-    BFLOAT16 = "bfloat16"
-    FLOAT32 = "float32"
-
-
-class PlanGpuCompiler(Choice):
-    TPU = "tpu"
-    CPU = "cpu"
-
-
-class RmEvalBaseline(Choice):
-    MODEL = "model"
-    CHOSEN = "chosen"
+from simpo_jax.config.choices import (Choice, RematPolicy, AttentionImplementation, MasterWeights,
+                                      StateDtype, LoraQuantization, LoraTarget, DataFormat,
+                                      AssistantHeaderIn, TruncationMode, LossType,
+                                      LrSchedulerType, BatchLayout, ReportSink, ExportDtype,
+                                      PlanGpuCompiler, RmEvalBaseline)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ import csv
 import json
 import os
 
-from simpo_jax.config.schema import DataFormat
+from simpo_jax.config.choices import DataFormat
 from simpo_jax.errors import HubError, UserError
 from simpo_jax.paths import FILE_EXTENSIONS, REPO_ROOT, looks_local, resolve_local
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from simpo_jax.config.schema import RematPolicy
+from simpo_jax.config.choices import RematPolicy
 from simpo_jax.models import layers as L
 
 REMAT_POLICIES = ("none",) + RematPolicy.values()  # "none": no gradient_checkpointing

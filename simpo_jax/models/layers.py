@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from simpo_jax.config.schema import AttentionImplementation
+from simpo_jax.config.choices import AttentionImplementation
 
 # Added to masked attention logits: finite, so fully masked (padding) rows give a uniform
 # softmax instead of NaN.
