@@ -22,11 +22,12 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
     """Runs `mode` on `config`; `argv` (run.py's sys.argv) names the config file in errors and
     builds the commands of the closing summary. A UserError is one line and exit status 2."""
     try:
-        config = preflight(config, mode, config_source(argv))
-        avoid_tpu_probe()
+        # Before preflight, whose mesh check starts jax's backends: their probes log at INFO.
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        config = preflight(config, mode, config_source(argv))
+        avoid_tpu_probe()
         from simpo_jax import evaluation, lr_find, train
 
         modes = {"train": train.train, "eval": evaluation.evaluate_checkpoint,
