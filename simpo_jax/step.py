@@ -22,7 +22,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simpo_jax import loss as loss_lib
-from simpo_jax import packing
 from simpo_jax import sharding as sharding_lib
 from simpo_jax.config.choices import BatchLayout
 from simpo_jax.models import head as head_lib

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from simpo_jax.config.choices import (Choice, RematPolicy, AttentionImplementation, MasterWeights,
                                       StateDtype, LoraQuantization, LoraTarget, DataFormat,
                                       AssistantHeaderIn, TruncationMode, LossType,
-                                      LrSchedulerType, BatchLayout, ReportSink, ExportDtype,
+                                      LrSchedulerType, BatchLayout, ExportDtype,
                                       PlanGpuCompiler, RmEvalBaseline)
 
 
