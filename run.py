@@ -32,7 +32,8 @@ class DatasetMixerParser(flags.ArgumentParser):
 
 config_flags.register_flag_parser_for_type(config_lib.DATASET_MIXER_TYPES, DatasetMixerParser())
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
+                                          "Run config file (its fields: python -m simpo_jax.config).",
                                           lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", list(cli.MODES), "What to do with the config.")
 
