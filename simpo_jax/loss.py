@@ -337,7 +337,8 @@ def preference_loss(method, chosen_logps, rejected_logps, chosen_tokens, rejecte
     hyperparameters = _margin_as_ratio(method, hyperparameters)
     readable = spec.required + spec.optional + (("gamma",) if "gamma_beta_ratio" in spec.required else ())
     unknown = sorted(set(hyperparameters) - set(readable))
-    missing = [name for name in spec.required if name not in hyperparameters]
+    given = set(hyperparameters) | ({"gamma_beta_ratio"} if "gamma" in hyperparameters else set())
+    missing = [name for name in spec.required if name not in given]
     if unknown or missing:
         problem = " and ".join(f"{word} {names}" for word, names in (("unknown", unknown),
                                                                      ("missing", missing)) if names)
