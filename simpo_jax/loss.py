@@ -167,7 +167,7 @@ def _log1mexp(x):
 
 
 def simpo_method(pair, *, beta, gamma_beta_ratio, loss_type="sigmoid", label_smoothing=0.0):
-    """SimPO (arXiv 2405.14734, Eq. 6): `simpo_loss` of the average log-probabilities."""
+    """SimPO (arXiv 2405.14734): `simpo_loss` of the average log-probabilities."""
     chosen, rejected = pair.averages()
     return simpo_loss(chosen, rejected, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
                       loss_type=loss_type, label_smoothing=label_smoothing)
@@ -180,8 +180,8 @@ def alphapo_method(pair, *, beta, gamma_beta_ratio, alphapo_alpha, label_smoothi
     rewards β·r.
     """
     if alphapo_alpha == 0:
-        raise ValueError("alphapo_alpha=0 is SimPO's reward log p: use method='simpo', or set "
-                         "alphapo_alpha to a non-zero value (the AlphaPO paper uses 0.1 to 0.25).")
+        raise ValueError("alphapo_alpha=0: that is SimPO's reward log p; use method='simpo', or a "
+                         "non-zero alphapo_alpha (TRL's CPOConfig.alpha).")
     chosen, rejected = (-jnp.expm1(-alphapo_alpha * avg) / alphapo_alpha for avg in pair.averages())
     losses = _smoothed_sigmoid_loss(chosen - rejected - gamma_beta_ratio, beta, label_smoothing)
     return (losses, *_rewards(beta, chosen, rejected))
@@ -250,8 +250,8 @@ def dpo_norm_method(pair, *, beta):
 def rdpo_method(pair, *, beta, rdpo_alpha):
     """R-DPO (arXiv 2403.19159, length-regularised DPO; TRL has none): from the paper.
 
-    loss = -log σ(β·(Δ_w - Δ_l) + α·(|y_w| - |y_l|)), the SimPO paper's Table 1 form, with |y| the
-    scored tokens; rewards β·Δ as DPO's.
+    loss = -log σ(β·(Δ_w - Δ_l) + α·(|y_w| - |y_l|)) (as the SimPO paper's table of objectives
+    writes it), |y| the scored tokens; rewards β·Δ as DPO's.
     """
     chosen, rejected = pair.logratios()
     length_term = rdpo_alpha * (pair.chosen_tokens - pair.rejected_tokens)
@@ -260,7 +260,7 @@ def rdpo_method(pair, *, beta, rdpo_alpha):
 
 
 def simper_method(pair):
-    """SimPER (arXiv 2502.00883, Eq. 6): no β, no γ, no reference.
+    """SimPER (arXiv 2502.00883): no β, no γ, no reference.
 
     loss = -exp(avg_logp_w) + exp(avg_logp_l) (minus the chosen inverse perplexity plus the rejected
     one); rewards avg_logp (β = 1).
@@ -335,16 +335,17 @@ def preference_loss(method, chosen_logps, rejected_logps, chosen_tokens, rejecte
         raise ValueError(f"method={method!r}: must be one of {tuple(METHODS)}.")
     spec = METHODS[method]
     hyperparameters = _margin_as_ratio(method, hyperparameters)
-    readable = spec.required + spec.optional + (("gamma",) if "gamma_beta_ratio" in spec.required else ())
+    reads_ratio = "gamma_beta_ratio" in spec.required
+    readable = spec.required + spec.optional + (("gamma",) if reads_ratio else ())
     unknown = sorted(set(hyperparameters) - set(readable))
     given = set(hyperparameters) | ({"gamma_beta_ratio"} if "gamma" in hyperparameters else set())
     missing = [name for name in spec.required if name not in given]
     if unknown or missing:
         problem = " and ".join(f"{word} {names}" for word, names in (("unknown", unknown),
                                                                      ("missing", missing)) if names)
+        either = " (gamma may replace gamma_beta_ratio)" if reads_ratio else ""
         raise ValueError(f"method={method!r}: {problem} hyperparameters; it reads required "
-                         f"{list(spec.required)}, optional {list(spec.optional)}"
-                         + (" (gamma may replace gamma_beta_ratio)" if "gamma" in readable else "") + ".")
+                         f"{list(spec.required)}, optional {list(spec.optional)}{either}.")
     if spec.needs_reference and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"method={method!r} needs reference log-probabilities: pass ref_chosen_logps and "
                          "ref_rejected_logps (summed over the same scored tokens), or use a reference-free "

@@ -192,7 +192,8 @@ def test_repo_worked_from_the_paper():
 
 
 def test_repo_is_simpo_over_beta_as_beta_grows(x64):
-    # The paper's claim: RePO is SimPO's β -> ∞ limit: SimPO/β -> max(0, γ/β - margin), RePO's γ = γ/β.
+    # The paper's claim: RePO is SimPO's β -> ∞ limit. SimPO/β -> max(0, γ/β - margin), so RePO's γ
+    # is SimPO's γ/β.
     p = make_pairs(4)
     repo = ours("repo", p, gamma=0.4)[0]
     beta = 1e5
@@ -245,7 +246,8 @@ def test_every_method_is_tested_and_keeps_float32_and_rewards_have_no_gradient()
 def call(method, ref=False, **hyperparameters):
     one = jnp.array([-1.0])
     refs = dict(ref_chosen_logps=one, ref_rejected_logps=one) if ref else {}
-    return loss_lib.preference_loss(method, one, one, jnp.array([1]), jnp.array([1]), **refs, **hyperparameters)
+    return loss_lib.preference_loss(method, one, one, jnp.array([1]), jnp.array([1]), **refs,
+                                    **hyperparameters)
 
 
 def test_errors_name_the_problem_and_what_is_valid():
