@@ -407,7 +407,7 @@ def test_preemption_guard_stops_on_a_signal_and_a_second_ctrl_c_at_once():
 @pytest.mark.slow
 def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
-    from simpo_jax import hub
+    from simpo_jax.hub import publish
     from hub_stand_in import HubStandIn
 
     import huggingface_hub.constants
@@ -415,7 +415,7 @@ def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monk
     stand_in = HubStandIn()
     # The suite runs with HF_HUB_OFFLINE=1; only this stand-in on 127.0.0.1 is reachable.
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
+    monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
     try:
         out = train.export_checkpoint(tiny_config(
             uninterrupted, export_dir=str(tmp_path / "pushed"), push_to_hub=True,
@@ -431,13 +431,13 @@ def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monk
 @pytest.mark.slow
 def test_push_failure_is_clear_and_keeps_the_export(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
-    from simpo_jax import hub
+    from simpo_jax.hub import publish
 
     import huggingface_hub.constants
 
     # Nothing listens on this port: the upload fails as it would without a network.
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint="http://127.0.0.1:9", token="x"))
+    monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint="http://127.0.0.1:9", token="x"))
     with pytest.raises(RuntimeError, match="local export .* is kept"):
         train.export_checkpoint(tiny_config(uninterrupted, export_dir=str(tmp_path / "kept"),
                                             push_to_hub=True, hub_model_id="someone/m"))

@@ -180,8 +180,8 @@ def test_model_errors_are_one_line_and_early(hub, tmp_path, args, use_token, end
 DOWNLOAD_ON_TWO_PROCESSES = """
 import sys, jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from simpo_jax import hub
-print("PATH", hub.resolve_pretrained("mistralai/Mistral-7B-v0.1"))
+from simpo_jax.hub import download
+print("PATH", download.resolve_pretrained("mistralai/Mistral-7B-v0.1"))
 """
 
 
