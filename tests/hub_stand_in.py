@@ -38,7 +38,8 @@ Access: "Authorization: Bearer <stand_in.token>" sees private and gated repos, a
 that created a repo through /api/repos/create. Uploads accept any token. Everything is in memory; a commit makes a new deterministic 40-hex sha (from the repo id and
 its files) and older shas of the repo keep resolving to their files.
 
-Attributes: url, token, requests [(method, raw request target incl. query)], repos [(repo_id, private)
+Attributes: failures [statuses the next requests are answered with, one each, before any is served:
+[503, 502] makes the next two requests fail], url, token, requests [(method, raw request target incl. query)], repos [(repo_id, private)
 per create call], files {path: bytes} of everything committed (all repos; deletions removed),
 deleted [paths deleted by commits], commits [{repo, kind, sha, added, deleted}].
 """
@@ -49,6 +50,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -157,6 +159,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method):
         hub = self.server.hub
         hub.requests.append((method, self.path))
+        if hub.failures:
+            status = hub.failures.pop(0)
+            return self._json({"error": f"stand-in failure {status}"}, status,
+                              {"X-Error-Message": f"stand-in failure {status}"})
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -343,6 +349,7 @@ class HubStandIn:
     def __init__(self, token: str = "hf_test_token"):
         self.token = token
         self.download_delay = 0.0  # seconds before each file's bytes are sent
+        self.failures = []  # statuses the next requests get instead of an answer
         self.repos, self.files, self.requests, self.deleted, self.commits = [], {}, [], [], []
         self._repos, self._lock = {}, threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -378,6 +385,41 @@ class HubStandIn:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SilentHub:
+    """A Hub that accepts every connection and never answers, as a hung server or proxy does.
+
+    `url` is its address (give it as HF_ENDPOINT or HfApi(endpoint=...)); `close()` it, or use it as
+    a context manager.
+    """
+
+    def __init__(self):
+        self.connections, self._closed = [], False
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.2)  # so the accepting thread sees close() soon
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                connection, _ = self._socket.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections.append(connection)  # held open; nothing is read or written
+
+    def close(self):
+        self._closed = True
+        self._socket.close()
+        for connection in self.connections:
+            connection.close()
 
     def __enter__(self):
         return self
