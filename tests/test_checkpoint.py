@@ -431,6 +431,7 @@ def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monk
 @pytest.mark.slow
 def test_push_failure_is_clear_and_keeps_the_export(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
+    from simpo_jax.errors import HubError
     from simpo_jax.hub import publish
 
     import huggingface_hub.constants
@@ -438,7 +439,7 @@ def test_push_failure_is_clear_and_keeps_the_export(uninterrupted, tmp_path, mon
     # Nothing listens on this port: the upload fails as it would without a network.
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
     monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint="http://127.0.0.1:9", token="x"))
-    with pytest.raises(RuntimeError, match="local export .* is kept"):
+    with pytest.raises(HubError, match="local export .* is kept"):  # one line: run.py: error:
         train.export_checkpoint(tiny_config(uninterrupted, export_dir=str(tmp_path / "kept"),
                                             push_to_hub=True, hub_model_id="someone/m"))
     assert os.path.exists(tmp_path / "kept" / "config.json")
