@@ -239,7 +239,7 @@ def test_push_to_a_hub_that_never_answers_is_one_line_within_the_timeout(tmp_pat
                                                                          online):
     from huggingface_hub import HfApi
 
-    from hub_stand_in import SilentHub
+    from silent_hub import SilentHub
     from simpo_jax.errors import HubError
     from simpo_jax.hub import publish
 
@@ -313,7 +313,7 @@ def test_card_and_adapter_name_the_base_model_never_a_local_path(tmp_path):
 def test_run_pushing_to_a_hub_that_never_answers_ends_in_one_line(tmp_path, monkeypatch):
     """A LoRA run from a local base given by its absolute path: the export names the base by its
     folder's name, and the push to a silent Hub is one line, not a hang."""
-    from hub_stand_in import SilentHub
+    from silent_hub import SilentHub
 
     local = os.path.join(ROOT, "assets", "tiny_sft")
     out = tmp_path / "out"

@@ -14,6 +14,8 @@ import os
 import time
 from typing import Callable, TypeVar
 
+from simpo_jax.errors import HubError
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # to open a connection to the Hub
@@ -26,7 +28,15 @@ T = TypeVar("T")
 
 def read_timeout() -> float:
     """Seconds to wait for an answer: HF_HUB_DOWNLOAD_TIMEOUT if set, else READ_TIMEOUT_S."""
-    return float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or READ_TIMEOUT_S)
+    given = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or READ_TIMEOUT_S
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise HubError(f"HF_HUB_DOWNLOAD_TIMEOUT={given!r}: give the seconds to wait for each answer "
+                       f"of the Hub, a positive number (unset: {READ_TIMEOUT_S:g}).")
+    return seconds
 
 
 _bounded = False  # whether huggingface_hub's shared client is ours
@@ -44,6 +54,8 @@ def bound() -> None:
 
 def _bounded_client():
     """huggingface_hub's default client (its hooks, its redirects) with every timeout filled in."""
+    # Not exported, but the very factory set_client_factory replaces: its offline check and
+    # request ids stay as huggingface_hub has them in this version.
     from huggingface_hub.utils._http import default_client_factory
 
     client = default_client_factory()
