@@ -142,6 +142,15 @@ def abandoned_reads():
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_saved_steps_are_the_complete_step_folders(tmp_path):
+    for name in ("10", "20", "30.orbax-checkpoint-tmp-1", "5.damaged"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "40").write_text("")  # a file, not a step folder
+    assert ckpt_lib.saved_steps(str(tmp_path)) == [10, 20]
+    assert ckpt_lib.Checkpointer(str(tmp_path), save_total_limit=0).steps() == [10, 20]
+    assert ckpt_lib.saved_steps(str(tmp_path / "none")) == []
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_newest_is_set_aside_and_the_previous_restores(checkpoints, damage, caplog,
                                                                 abandoned_reads):
