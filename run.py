@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 from simpo_jax import cli  # light: jax and the model load inside cli.main, so --help is quick
 from simpo_jax import config as config_lib
+from simpo_jax import paths
 
 
 class DatasetMixerParser(flags.ArgumentParser):
@@ -43,7 +44,7 @@ def yaml_recipes(argv):
     out = []
     for a in argv:
         if a.startswith("--config=") and a.endswith((".yaml", ".yml")):
-            a = f"--config={os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'recipe.py')}:{a[len('--config='):]}"
+            a = f"--config={os.path.join(paths.REPO_ROOT, 'configs', 'recipe.py')}:{a[len('--config='):]}"
         out.append(a)
     return out
 

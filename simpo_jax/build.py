@@ -22,7 +22,7 @@ from flax import nnx
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import config as config_lib
 from simpo_jax import data as data_lib
-from simpo_jax import hub
+from simpo_jax.hub import download, publish
 from simpo_jax import lora as lora_lib
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
@@ -70,10 +70,11 @@ def pretrained_paths(config) -> tuple[str, str]:
     """(model folder or "" for model_init, tokenizer folder): local paths, Hub ids downloaded."""
     model = tokenizer = ""
     if config.model_name_or_path:
-        model = hub.resolve_pretrained(config.model_name_or_path, revision=config.revision)
+        model = download.resolve_pretrained(config.model_name_or_path, revision=config.revision)
     if config.tokenizer_name_or_path and config.tokenizer_name_or_path != config.model_name_or_path:
-        tokenizer = hub.resolve_pretrained(config.tokenizer_name_or_path, revision=config.revision,
-                                           weights=False, field="tokenizer_name_or_path")
+        tokenizer = download.resolve_pretrained(config.tokenizer_name_or_path,
+                                                revision=config.revision, weights=False,
+                                                field="tokenizer_name_or_path")
     return model, tokenizer or model
 
 
@@ -153,10 +154,10 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     if with_data:
         for name in config.dataset_mixer:
             if paths.resolve_local(name) is None and not paths.looks_local(name):
-                hub.check_dataset(name)
+                download.check_dataset(name)
     model_path, tokenizer_path = pretrained_paths(config)
     if with_data and config.push_to_hub and jax.process_index() == 0:
-        (log.info if config.hub_private_repo else log.warning)("%s", hub.upload_notice(config))
+        (log.info if config.hub_private_repo else log.warning)("%s", publish.upload_notice(config))
     data_config = dataclasses.replace(data_lib.DataConfig.from_config(config),
                                       tokenizer_name_or_path=tokenizer_path)
     tokenizer = data_lib.load_tokenizer(data_config)

@@ -33,6 +33,18 @@ OS_ERROR_MARKERS = ("os_error_code=", "[OS error")
 ARRAY_TYPES = ("jax.Array", "np.ndarray")  # tree_metadata value types stored as zarr arrays
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The complete checkpoint steps in `directory` (<output_dir>/checkpoints), oldest first.
+
+    Only os calls, so it is cheap: orbax writes a step as <step>.orbax-checkpoint-tmp-* and renames
+    it when complete, and a damaged step is set aside as <step>.damaged; neither is a number.
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
 class Checkpointer:
     """Saves and restores {state, meta} under <output_dir>/checkpoints/<step>."""
 
@@ -54,7 +66,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        return saved_steps(self.directory)
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import glob
 import logging
 import os
 import shlex
@@ -12,6 +11,7 @@ import sys
 from simpo_jax import config as config_lib
 from simpo_jax.errors import UserError
 from simpo_jax import paths
+from simpo_jax.tpu_probe import avoid_tpu_probe
 
 MODES = ("train", "eval", "export", "lr_find", "plot", "plan", "generate", "rm_eval")
 BUILDING_MODES = ("train", "eval", "export", "lr_find", "generate", "rm_eval")  # load a model
@@ -114,36 +114,6 @@ def check_mesh_size(config) -> None:
     sharding.mesh_shape(sharding.MeshConfig.from_config(config), jax.device_count())
 
 
-def avoid_tpu_probe() -> None:
-    """On a machine without TPU chips, keeps jax from starting libtpu as a backend.
-
-    With JAX_PLATFORMS unset jax tries every backend it knows; libtpu (installed for the planner's
-    TPU compiler) then logs host-bound and worker-hostname errors before giving up. The planner
-    loads libtpu itself (jax.experimental.topologies), so --mode=plan still compiles for TPUs, and
-    a TPU VM (chips on PCI, /dev/accel*, /dev/vfio) or JAX_PLATFORMS / JAX_FORCE_TPU_INIT keep jax's
-    own choice.
-    """
-    if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
-        return
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        return
-    try:  # jax 0.10 has no public switch for this; another version keeps its own behaviour
-        from jax._src import hardware_utils, xla_bridge
-
-        if hardware_utils.num_available_tpu_chips_and_device_id()[0] or \
-                xla_bridge.backends_are_initialized():
-            return
-        registration = xla_bridge._backend_factories.get("tpu")
-    except (ImportError, AttributeError):
-        return
-    if registration is not None:  # still registered: "tpu" stays a known platform for lowerings
-        registration.factory = _no_tpu
-
-
-def _no_tpu():
-    raise RuntimeError("no TPU chips on this machine, so libtpu is not started as a backend")
-
-
 def config_source(argv: list[str] | None) -> str:
     """The --config file named in `argv`, or ""."""
     args = list(argv or [])[1:]
@@ -156,12 +126,10 @@ def config_source(argv: list[str] | None) -> str:
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:
-    """The finalised checkpoint steps in output_dir (orbax names unfinished ones <step>.orbax-...)."""
-    folder = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(n) for n in os.listdir(folder)
-                  if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+    """The complete checkpoint steps in output_dir (checkpoint.saved_steps)."""
+    from simpo_jax.checkpoint import saved_steps  # orbax: imported only when checkpoints are read
+
+    return saved_steps(paths.RunDir(output_dir).checkpoints)
 
 
 def missing_output_dir(config) -> str:
@@ -221,10 +189,10 @@ def plot(config) -> list[str]:
     """--mode=plot: PNGs of <output_dir>/metrics.jsonl in <output_dir>/plots."""
     from simpo_jax import plots
 
-    paths = plots.plot_metrics(os.path.join(config.output_dir, "metrics.jsonl"), config.output_dir)
-    for path in paths:
+    written = plots.plot_metrics(paths.RunDir(config.output_dir).metrics, config.output_dir)
+    for path in written:
         print(path)
-    return paths
+    return written
 
 
 def generate(config) -> dict:

@@ -17,6 +17,7 @@ from simpo_jax import step as step_lib
 from simpo_jax.build import Run, build, to_global
 from simpo_jax.errors import UserError
 from simpo_jax.models import generate
+from simpo_jax.paths import RunDir
 
 
 def evaluate(run: Run) -> dict:
@@ -64,7 +65,7 @@ def write_samples(run: Run, step: int) -> list[dict]:
             new = new[:new.index(run.tokenizer.eos_token_id) + 1]
         rows.append({"step": step, "prompt": run.tokenizer.decode(prompt),
                      "completion": run.tokenizer.decode(new, skip_special_tokens=True)})
-    with open(os.path.join(config.output_dir, "samples.jsonl"), "a") as f:
+    with open(RunDir(config.output_dir).samples, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return rows
@@ -98,8 +99,7 @@ def evaluate_checkpoint(config) -> dict:
     written = ["metrics.jsonl already holds this step's eval row" if logged else
                "appended to metrics.jsonl"]
     if not config.resume_from:
-        with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        report.write_eval_results(config.output_dir, metrics)
         written.append("written to eval_results.json")
     print(f"eval of checkpoint {run.checkpointer.directory}/{run.start_step} "
           f"({run.data.eval.num_pairs} pairs): "

@@ -26,6 +26,10 @@ def looks_local(path: str) -> bool:
             or os.sep + os.sep in path or path.count("/") > 1)
 
 
+def _run_file(name: str) -> property:
+    return property(lambda run_dir: run_dir.file(name), doc=f"<output_dir>/{name}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """The files of one run folder (output_dir); every module names them through this."""
@@ -35,22 +39,8 @@ class RunDir:
     def file(self, name: str) -> str:
         return os.path.join(self.root, name)
 
-    @property
-    def checkpoints(self) -> str:
-        return self.file("checkpoints")
-
-    @property
-    def metrics(self) -> str:
-        return self.file("metrics.jsonl")
-
-    @property
-    def eval_results(self) -> str:
-        return self.file("eval_results.json")
-
-    @property
-    def samples(self) -> str:
-        return self.file("samples.jsonl")
-
-    @property
-    def data_report(self) -> str:
-        return self.file("data_report.json")
+    checkpoints = _run_file("checkpoints")
+    metrics = _run_file("metrics.jsonl")
+    eval_results = _run_file("eval_results.json")
+    samples = _run_file("samples.jsonl")
+    data_report = _run_file("data_report.json")

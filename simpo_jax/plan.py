@@ -40,8 +40,7 @@ from simpo_jax.errors import UserError
 from simpo_jax import paths
 
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                      "model_configs")
+ASSETS = os.path.join(paths.ASSETS, "model_configs")
 
 
 @dataclasses.dataclass(frozen=True)

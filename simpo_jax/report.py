@@ -1,4 +1,5 @@
-"""Metric sinks (metrics.jsonl, TensorBoard, Weights & Biases) and the progress display.
+"""Metric sinks (metrics.jsonl, TensorBoard, Weights & Biases), eval_results.json, and the progress
+display.
 
 Only process 0 writes. On a terminal the progress is one updating line (steps, ETA, loss, reward
 accuracy, tokens/s); otherwise it is a plain line every `logging_steps`.
@@ -16,6 +17,7 @@ import time
 import jax
 
 from simpo_jax.config.choices import ReportSink
+from simpo_jax.paths import RunDir
 
 log = logging.getLogger(__name__)
 SINKS = ReportSink.values()
@@ -32,7 +34,7 @@ class MetricsWriter:
 
     def __init__(self, output_dir: str, total_steps: int, report_to=(), run_config=None,
                  stream=None, start_step: int | None = None):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path = RunDir(output_dir).metrics
         self.total_steps = total_steps
         self.start = time.time()
         self.enabled = jax.process_index() == 0
@@ -169,6 +171,21 @@ def keep_rows_until(path: str, start_step: int) -> None:
     os.replace(tmp, path)
     log.info("%s: dropped %d rows logged after step %d by an earlier run.", path,
              len(lines) - len(kept), start_step)
+
+
+def write_eval_results(output_dir: str, metrics: dict) -> None:
+    """eval_results.json: the final (or latest evaluated) metrics, which the model card reports."""
+    with open(RunDir(output_dir).eval_results, "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def read_eval_results(output_dir: str) -> dict | None:
+    """The metrics of eval_results.json, or None when the run has none."""
+    path = RunDir(output_dir).eval_results
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _py(v):

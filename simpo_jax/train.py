@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -14,7 +12,6 @@ import jax
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import doctor
 from simpo_jax import flops
-from simpo_jax import hub
 from simpo_jax import lora as lora_lib
 from simpo_jax import models
 from simpo_jax import plots
@@ -23,6 +20,8 @@ from simpo_jax import report
 from simpo_jax.build import Run, build, train_batch_iterator
 from simpo_jax.evaluation import eval_round
 from simpo_jax.errors import UserError
+from simpo_jax.hub import publish
+from simpo_jax.paths import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +70,13 @@ def train(config) -> dict:
 
 
 def _train(run: Run) -> dict:
-    config = run.config
-    start = run.start_step
+    config, start = run.config, run.start_step
     # A resumed (or restarted) run drops rows logged after its checkpoint: one row per step.
     writer = report.MetricsWriter(config.output_dir, run.total_steps,
                                   report_to=tuple(config.report_to), run_config=config,
                                   start_step=start)
     if jax.process_index() == 0:
-        report.keep_rows_until(os.path.join(config.output_dir, "samples.jsonl"), start)
+        report.keep_rows_until(RunDir(config.output_dir).samples, start)
     flops_per_token, peak = utilisation_basis(run)
     advisor = start_doctor(run)
 
@@ -91,63 +89,78 @@ def _train(run: Run) -> dict:
     elif start == 0:
         eval_round(run, writer, 0)
     batches = train_batch_iterator(run, start)
-
-    pending = None  # (step, metrics on device): read one step late, after t+1 is dispatched
-    last_time = time.time()
-
-    def flush():
-        nonlocal pending, last_time
-        if pending is None:
-            return
-        step, metrics = pending
-        pending = None
-        metrics = jax.device_get(metrics)
-        check_finite(step, metrics, advisor)
-        now = time.time()
-        metrics = {k: float(v) for k, v in metrics.items()}
-        seconds = max(now - last_time, 1e-9)
-        metrics["tokens_per_second"] = metrics.pop("num_tokens") / seconds
-        metrics["pairs_per_second"] = metrics.pop("num_pairs") / seconds
-        metrics["mfu"] = flops_per_token * metrics["tokens_per_second"] / peak
-        last_time = now
-        writer.progress(step, metrics)
-        if step % config.logging_steps == 0 or step == run.total_steps:
-            writer.write(step, metrics)
-            for advice in advisor.observe(step, metrics):
-                log.warning("doctor: %s", advice)
-
+    step_log = StepLog(run, writer, advisor, flops_per_token, peak)
     with ckpt_lib.PreemptionGuard() as guard, batches:
         for step in range(start + 1, run.total_steps + 1):
-            batch = next(batches)
-            run.state, metrics = run.train_step(run.state, batch)
-            flush()
-            pending = (step, metrics)
+            run.state, metrics = run.train_step(run.state, next(batches))
+            step_log.flush()
+            step_log.pending = (step, metrics)
             if step % config.save_steps == 0 or step % config.eval_steps == 0:
-                flush()  # never checkpoint a step whose metrics were not checked
+                step_log.flush()  # never checkpoint a step whose metrics were not checked
             if guard.should_stop(step):
-                flush()
+                step_log.flush()
                 save(step)
-                run.checkpointer.close()
-                writer.close()
-                print(f"Stopped by {guard.signal_name} after step {step}/{run.total_steps}; "
-                      f"checkpoint saved in {run.checkpointer.directory}/{step}. Rerun the same "
-                      "command to resume from it.", flush=True)
-                return {"preempted_at_step": step}
+                return _stopped(run, writer, guard.signal_name, step)
             if step % config.save_steps == 0 and step != run.total_steps:
                 save(step)
             if step % config.eval_steps == 0 and step != run.total_steps:
                 eval_round(run, writer, step)
-        flush()
+        step_log.flush()
+    return _finish(run, writer, save)
+
+
+class StepLog:
+    """Reads each step's metrics one step late (once the next is dispatched), checks, logs them."""
+
+    def __init__(self, run: Run, writer: report.MetricsWriter, advisor: doctor.Advisor,
+                 flops_per_token: float, peak: float):
+        self.run, self.writer, self.advisor = run, writer, advisor
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self.pending = None  # (step, metrics on device), not read yet
+        self.last_time = time.time()
+
+    def flush(self) -> None:
+        """Reads, checks and logs the pending step's metrics, if any."""
+        if self.pending is None:
+            return
+        (step, metrics), self.pending = self.pending, None
+        metrics = jax.device_get(metrics)
+        check_finite(step, metrics, self.advisor)
+        now = time.time()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        seconds = max(now - self.last_time, 1e-9)
+        metrics["tokens_per_second"] = metrics.pop("num_tokens") / seconds
+        metrics["pairs_per_second"] = metrics.pop("num_pairs") / seconds
+        metrics["mfu"] = self.flops_per_token * metrics["tokens_per_second"] / self.peak
+        self.last_time = now
+        self.writer.progress(step, metrics)
+        if step % self.run.config.logging_steps == 0 or step == self.run.total_steps:
+            self.writer.write(step, metrics)
+            for advice in self.advisor.observe(step, metrics):
+                log.warning("doctor: %s", advice)
+
+
+def _stopped(run: Run, writer: report.MetricsWriter, signal_name: str, step: int) -> dict:
+    """After a signal: waits for the checkpoint of `step` to be saved, says how to go on."""
+    run.checkpointer.close()
+    writer.close()
+    print(f"Stopped by {signal_name} after step {step}/{run.total_steps}; "
+          f"checkpoint saved in {run.checkpointer.directory}/{step}. Rerun the same "
+          "command to resume from it.", flush=True)
+    return {"preempted_at_step": step}
+
+
+def _finish(run: Run, writer: report.MetricsWriter, save) -> dict:
+    """The final eval, checkpoint, eval_results.json, plots and export; the final eval metrics."""
     final = eval_round(run, writer, run.total_steps)
-    if start < run.total_steps:
+    if run.start_step < run.total_steps:
         save(run.total_steps)
     run.checkpointer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
-            json.dump(final, f, indent=2)
+        report.write_eval_results(run.config.output_dir, final)
     writer.close()
     if jax.process_index() == 0:
-        plots.plot_metrics(writer.path, config.output_dir)
+        plots.plot_metrics(writer.path, run.config.output_dir)
     export(run, eval_metrics=final)
     return final
 
@@ -164,23 +177,17 @@ def export(run: Run, out_dir: str | None = None, eval_metrics: dict | None = Non
     if run.frozen is not None:
         lora_lib.save_adapter(model, os.path.join(out_dir, lora_lib.ADAPTER_DIR),
                               lora_lib.LoraConfig.from_config(config),
-                              base_model_name_or_path=config.model_name_or_path,
+                              base_model_name_or_path=publish.base_model_name(
+                                  config.model_name_or_path),
                               revision=config.revision, dtype=config.export_dtype)
         lora_lib.merge_adapters(model)
     models.save_pretrained(model, out_dir, tokenizer=run.tokenizer, dtype=config.export_dtype,
                            max_shard_size=config.max_shard_size)
     if jax.process_index() == 0:
-        hub.write_model_card(out_dir, config, eval_metrics or hub.read_eval_metrics(config.output_dir),
-                             run.global_batch)
+        publish.write_model_card(out_dir, config, eval_metrics or report.read_eval_results(
+            config.output_dir), run.global_batch)
         if config.push_to_hub:
-            folder = out_dir
-            if config.hub_push_adapter_only:  # the PEFT adapter, its card and the tokenizer
-                folder = os.path.join(out_dir, lora_lib.ADAPTER_DIR)
-                for name in ("README.md",) + hub.TOKENIZER_FILES:
-                    if os.path.exists(os.path.join(out_dir, name)):
-                        shutil.copy(os.path.join(out_dir, name), folder)
-            url = hub.push(folder, config.hub_model_id, private=config.hub_private_repo)
-            print(f"Pushed {folder} to {url}", flush=True)
+            publish.push_export(out_dir, config)
     return out_dir
 
 

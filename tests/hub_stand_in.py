@@ -38,7 +38,8 @@ Access: "Authorization: Bearer <stand_in.token>" sees private and gated repos, a
 that created a repo through /api/repos/create. Uploads accept any token. Everything is in memory; a commit makes a new deterministic 40-hex sha (from the repo id and
 its files) and older shas of the repo keep resolving to their files.
 
-Attributes: url, token, requests [(method, raw request target incl. query)], repos [(repo_id, private)
+Attributes: failures [statuses the next requests are answered with, one each, before any is served:
+[503, 502] makes the next two requests fail], url, token, requests [(method, raw request target incl. query)], repos [(repo_id, private)
 per create call], files {path: bytes} of everything committed (all repos; deletions removed),
 deleted [paths deleted by commits], commits [{repo, kind, sha, added, deleted}].
 """
@@ -157,6 +158,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method):
         hub = self.server.hub
         hub.requests.append((method, self.path))
+        if hub.failures:
+            status = hub.failures.pop(0)
+            return self._json({"error": f"stand-in failure {status}"}, status,
+                              {"X-Error-Message": f"stand-in failure {status}"})
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -343,6 +348,7 @@ class HubStandIn:
     def __init__(self, token: str = "hf_test_token"):
         self.token = token
         self.download_delay = 0.0  # seconds before each file's bytes are sent
+        self.failures = []  # statuses the next requests get instead of an answer
         self.repos, self.files, self.requests, self.deleted, self.commits = [], {}, [], [], []
         self._repos, self._lock = {}, threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -384,3 +390,4 @@ class HubStandIn:
 
     def __exit__(self, *exc):
         self.close()
+

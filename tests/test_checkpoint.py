@@ -142,6 +142,15 @@ def abandoned_reads():
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_saved_steps_are_the_complete_step_folders(tmp_path):
+    for name in ("10", "20", "30.orbax-checkpoint-tmp-1", "5.damaged"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "40").write_text("")  # a file, not a step folder
+    assert ckpt_lib.saved_steps(str(tmp_path)) == [10, 20]
+    assert ckpt_lib.Checkpointer(str(tmp_path), save_total_limit=0).steps() == [10, 20]
+    assert ckpt_lib.saved_steps(str(tmp_path / "none")) == []
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_newest_is_set_aside_and_the_previous_restores(checkpoints, damage, caplog,
                                                                 abandoned_reads):
@@ -407,7 +416,7 @@ def test_preemption_guard_stops_on_a_signal_and_a_second_ctrl_c_at_once():
 @pytest.mark.slow
 def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
-    from simpo_jax import hub
+    from simpo_jax.hub import publish
     from hub_stand_in import HubStandIn
 
     import huggingface_hub.constants
@@ -415,7 +424,7 @@ def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monk
     stand_in = HubStandIn()
     # The suite runs with HF_HUB_OFFLINE=1; only this stand-in on 127.0.0.1 is reachable.
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
+    monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
     try:
         out = train.export_checkpoint(tiny_config(
             uninterrupted, export_dir=str(tmp_path / "pushed"), push_to_hub=True,
@@ -431,14 +440,15 @@ def test_push_to_hub_uploads_export_and_model_card(uninterrupted, tmp_path, monk
 @pytest.mark.slow
 def test_push_failure_is_clear_and_keeps_the_export(uninterrupted, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
-    from simpo_jax import hub
+    from simpo_jax.errors import HubError
+    from simpo_jax.hub import publish
 
     import huggingface_hub.constants
 
     # Nothing listens on this port: the upload fails as it would without a network.
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint="http://127.0.0.1:9", token="x"))
-    with pytest.raises(RuntimeError, match="local export .* is kept"):
+    monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint="http://127.0.0.1:9", token="x"))
+    with pytest.raises(HubError, match="local export .* is kept"):  # one line: run.py: error:
         train.export_checkpoint(tiny_config(uninterrupted, export_dir=str(tmp_path / "kept"),
                                             push_to_hub=True, hub_model_id="someone/m"))
     assert os.path.exists(tmp_path / "kept" / "config.json")

@@ -180,8 +180,8 @@ def test_model_errors_are_one_line_and_early(hub, tmp_path, args, use_token, end
 DOWNLOAD_ON_TWO_PROCESSES = """
 import sys, jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from simpo_jax import hub
-print("PATH", hub.resolve_pretrained("mistralai/Mistral-7B-v0.1"))
+from simpo_jax.hub import download
+print("PATH", download.resolve_pretrained("mistralai/Mistral-7B-v0.1"))
 """
 
 
@@ -213,3 +213,123 @@ def test_two_processes_process_zero_downloads_first_same_commit(hub, tmp_path):
     # Every file was fetched twice (one cache per host), process 1's only after process 0's.
     gets = [p.split("/resolve/")[1] for m, p in hub.requests if m == "GET" and "/resolve/" in p]
     assert len(gets) == 2 * len(files) and sorted(gets[:len(files)]) == sorted(gets[len(files):])
+
+
+# --- A bounded Hub: timeouts, retries on 5xx, one line; published names, never local paths --------
+
+def export_folder(folder):
+    """The smallest folder push() takes for a model export."""
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "README.md").write_text("# card")
+    (folder / "metrics.jsonl").write_text("{}\n")  # not part of the export: never pushed
+    return str(folder)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """The suite runs with HF_HUB_OFFLINE=1; only stand-ins on 127.0.0.1 are reachable."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+
+
+def test_push_to_a_hub_that_never_answers_is_one_line_within_the_timeout(tmp_path, monkeypatch,
+                                                                         online):
+    from huggingface_hub import HfApi
+
+    from silent_hub import SilentHub
+    from simpo_jax.errors import HubError
+    from simpo_jax.hub import publish
+
+    folder = export_folder(tmp_path / "export")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    with SilentHub() as silent:
+        monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint=silent.url, token="x"))
+        start = time.time()
+        with pytest.raises(HubError) as error:
+            publish.push(folder, "someone/model")
+        seconds = time.time() - start
+        assert silent.connections  # it did connect: the wait was for an answer
+    assert seconds < 5, seconds
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert "no answer within 1 s" in message and f"local export in {folder} is kept" in message
+
+
+def test_push_retries_5xx_with_backoff_then_fails_in_one_line(tmp_path, monkeypatch, online,
+                                                              caplog):
+    from huggingface_hub import HfApi
+
+    from hub_stand_in import HubStandIn
+    from simpo_jax.errors import HubError
+    from simpo_jax.hub import client, publish
+
+    folder = export_folder(tmp_path / "export")
+    monkeypatch.setattr(client, "RETRY_WAIT_S", 0.01)
+    caplog.set_level("WARNING", logger=client.__name__)
+
+    def waits():
+        return [r.args[2] for r in caplog.records if "retrying" in r.msg]
+
+    with HubStandIn() as stand_in:
+        monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="x"))
+        stand_in.failures = [503, 502]
+        publish.push(folder, "someone/model")
+        assert set(stand_in.files) == {"config.json", "model.safetensors", "README.md"}
+        assert waits() == [0.01, 0.02]  # doubled before each next try
+
+        caplog.clear()
+        stand_in.failures = [503] * (client.RETRIES + 1)
+        with pytest.raises(HubError) as error:
+            publish.push(folder, "someone/model")
+    assert waits() == [0.01 * 2 ** i for i in range(client.RETRIES)] and not stand_in.failures
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "503" in message and "is kept" in message
+
+
+def test_card_and_adapter_name_the_base_model_never_a_local_path(tmp_path):
+    from configs import tiny
+    from simpo_jax.hub import publish
+
+    local = os.path.join(ROOT, "assets", "tiny_sft")
+    snapshot = tmp_path / "hub" / "models--someone--base-7b" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for given, name, hub_id in [(local, "tiny_sft", ""), ("assets/tiny_sft", "tiny_sft", ""),
+                                (str(snapshot), "someone/base-7b", "someone/base-7b"),
+                                ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1",
+                                 "mistralai/Mistral-7B-v0.1")]:
+        assert publish.base_model_name(given) == name
+        config = tiny.get_config()
+        config.model_name_or_path = given
+        card = publish.model_card(config, None)
+        assert local not in card and str(tmp_path) not in card
+        assert f"Aligned from **{name}**" in card
+        assert (f"base_model: {hub_id}" in card) == bool(hub_id) and card.count("base_model") <= 1
+
+
+@pytest.mark.slow
+def test_run_pushing_to_a_hub_that_never_answers_ends_in_one_line(tmp_path, monkeypatch):
+    """A LoRA run from a local base given by its absolute path: the export names the base by its
+    folder's name, and the push to a silent Hub is one line, not a hang."""
+    from silent_hub import SilentHub
+
+    local = os.path.join(ROOT, "assets", "tiny_sft")
+    out = tmp_path / "out"
+    args = ["--config=configs/tiny.py", f"--config.model_name_or_path={local}",
+            f"--config.output_dir={out}", "--config.lora_rank=4", "--config.max_steps=2",
+            "--config.eval_steps=1000", "--config.num_samples=0", "--config.report_to=()",
+            "--config.push_to_hub=True", "--config.hub_model_id=someone/tiny-lora"]
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "3")
+    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device, as a user has: quicker on 2 cores
+    with SilentHub() as silent:
+        code, log, _ = run_py(args, silent.url, tmp_path / "hf_home", timeout=600)
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("run.py: error:")]
+    assert len(errors) == 1 and "no answer within 3 s" in errors[0], log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    card = (out / "README.md").read_text()
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert local not in card and "Aligned from **tiny_sft**" in card
+    assert adapter["base_model_name_or_path"] == "tiny_sft"

@@ -366,13 +366,14 @@ def test_hub_push_adapter_only_uploads_the_peft_adapter(lora_run, tmp_path, monk
     import huggingface_hub.constants
     from huggingface_hub import HfApi
 
-    from simpo_jax import hub, train
+    from simpo_jax import train
+    from simpo_jax.hub import publish
     from tests.hub_stand_in import HubStandIn
 
     out, _ = lora_run
     stand_in = HubStandIn()
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(hub, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
+    monkeypatch.setattr(publish, "hub_api", lambda: HfApi(endpoint=stand_in.url, token="hf_test"))
     try:
         train.export_checkpoint(tiny_config(out, export_dir=str(tmp_path / "pushed"),
                                             push_to_hub=True, hub_model_id="someone/tiny-lora",

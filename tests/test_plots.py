@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from simpo_jax import plots
+from simpo_jax import lr_find, plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def test_suggestion_is_the_steepest_descent_before_divergence(tmp_path):
     x = np.log10(lrs)
     losses = 1.0 - 0.5 * np.tanh((x + 4.0) * 2)  # steepest at 1e-4
     losses[x > -2] += np.exp((x[x > -2] + 2) * 6) - 1  # blows up after 1e-2
-    found = plots.suggest_lr(lrs, losses, window=1)
+    found = lr_find.suggest_lr(lrs, losses, window=1)
     assert 10 ** -4.1 < found["suggested_learning_rate"] < 10 ** -3.9
     assert 10 ** -2.2 < found["lowest_loss_learning_rate"] < 10 ** -1.8
     assert 0.6 < found["loss_fall"] < 0.7  # from 1.5 to 0.5
@@ -60,8 +60,8 @@ def test_suggestion_ignores_noise_and_the_chaos_after_divergence():
         rng = np.random.default_rng(seed)
         losses = 1.3 - 0.4 * (1 + np.tanh((x + 3.0) * 3)) + rng.normal(0, 0.06, 200)
         losses[x > -1.5] = 3 + 10 * rng.random((x > -1.5).sum())
-        assert 10 ** -3.3 < plots.suggest_lr(lrs, losses)["suggested_learning_rate"] < 10 ** -2.7
-        raw = plots.suggest_lr(lrs, losses, window=1, decades=0.03)["suggested_learning_rate"]
+        assert 10 ** -3.3 < lr_find.suggest_lr(lrs, losses)["suggested_learning_rate"] < 10 ** -2.7
+        raw = lr_find.suggest_lr(lrs, losses, window=1, decades=0.03)["suggested_learning_rate"]
         raw_misses += not 10 ** -3.3 < raw < 10 ** -2.7
     assert raw_misses >= 4
 
@@ -76,27 +76,27 @@ def test_slope_across_a_decade_finds_a_gentle_fall_under_heavy_noise():
         rng = np.random.default_rng(seed)
         losses = 1.1 - 0.3 * (1 + np.tanh((x + 4.0) * 1.2)) + rng.normal(0, 0.2, 180)
         losses[x > -2.6] += 2 * (x[x > -2.6] + 2.6)
-        assert 10 ** -4.7 < plots.suggest_lr(lrs, losses)["suggested_learning_rate"] < 10 ** -3.3
-        short = plots.suggest_lr(lrs, losses, decades=0.06)["suggested_learning_rate"]
+        assert 10 ** -4.7 < lr_find.suggest_lr(lrs, losses)["suggested_learning_rate"] < 10 ** -3.3
+        short = lr_find.suggest_lr(lrs, losses, decades=0.06)["suggested_learning_rate"]
         short_misses += not 10 ** -4.7 < short < 10 ** -3.3
     assert short_misses >= 3
 
 
 def test_smoothing_is_centred_and_keeps_the_ends():
-    smooth = plots.smooth_losses([0, 0, 0, 3, 0, 0, 0], window=3)
+    smooth = lr_find.smooth_losses([0, 0, 0, 3, 0, 0, 0], window=3)
     np.testing.assert_allclose(smooth, [0, 0, 1, 1, 1, 0, 0])  # centred: no lag to the right
-    np.testing.assert_allclose(plots.smooth_losses([2.0, 4.0], window=3), [3.0, 3.0])
+    np.testing.assert_allclose(lr_find.smooth_losses([2.0, 4.0], window=3), [3.0, 3.0])
 
 
 def test_divergence_rule():
     flat = list(1.3 + 0.05 * np.sin(np.arange(60)))
-    assert not plots.diverged(flat)  # noise around the start is not divergence
-    assert plots.diverged(flat[:20] + [float("nan")])
-    assert plots.diverged(flat[:20] + [2.5] * 15)  # above 1.5x the start
+    assert not lr_find.diverged(flat)  # noise around the start is not divergence
+    assert lr_find.diverged(flat[:20] + [float("nan")])
+    assert lr_find.diverged(flat[:20] + [2.5] * 15)  # above 1.5x the start
     learned = flat[:20] + [0.1] * 30
-    assert not plots.diverged(learned + [0.3] * 3)  # a bump near the bottom
-    assert plots.diverged(learned + [1.6] * 20)  # back above the start after a deep fall
-    assert not plots.diverged([5.0] * 5)  # warm-up: too early to tell
+    assert not lr_find.diverged(learned + [0.3] * 3)  # a bump near the bottom
+    assert lr_find.diverged(learned + [1.6] * 20)  # back above the start after a deep fall
+    assert not lr_find.diverged([5.0] * 5)  # warm-up: too early to tell
 
 
 # Where the tiny run learns, measured with bench/tiny_lr_sweep.py (docs/bench/tiny_lr_sweep_cpu.log):
@@ -149,7 +149,6 @@ def test_lr_find_on_the_tiny_config_suggests_a_rate_that_learns(tmp_path):
 
 def test_sweep_range_is_around_the_configured_rate():
     from configs import base
-    from simpo_jax import lr_find
 
     c = base.get_config()
     c.learning_rate = 5e-7

@@ -104,3 +104,11 @@ def test_resume_drops_rows_logged_after_the_start_step(tmp_path):
     assert [json.loads(line) for line in open(path)] == got
     report.MetricsWriter(str(tmp_path), 20, stream=io.StringIO(), start_step=0)  # a fresh run
     assert path.read_text() == ""
+
+
+def test_eval_results_written_and_read_back(tmp_path):
+    assert report.read_eval_results(str(tmp_path)) is None
+    report.write_eval_results(str(tmp_path), {"eval_loss": 0.5, "eval_rewards/accuracies": 1.0})
+    assert report.read_eval_results(str(tmp_path)) == {"eval_loss": 0.5,
+                                                       "eval_rewards/accuracies": 1.0}
+    assert os.listdir(tmp_path) == ["eval_results.json"]

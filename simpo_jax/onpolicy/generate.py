@@ -27,9 +27,10 @@ from flax import nnx
 
 from simpo_jax import build as build_lib
 from simpo_jax import data as data_lib
-from simpo_jax import hub
+from simpo_jax.hub import download
 from simpo_jax import sharding as sharding_lib
 from simpo_jax.errors import UserError
+from simpo_jax.paths import RunDir
 from simpo_jax.onpolicy import pairs as pairs_lib
 from simpo_jax.onpolicy import prompts as prompts_lib
 from simpo_jax.onpolicy import reward, sampling
@@ -73,8 +74,7 @@ def stop_token_ids(tokenizer, model_path: str) -> tuple[int, ...]:
 def _checkpoint_steps(config) -> list[int]:
     from simpo_jax import checkpoint as ckpt_lib
 
-    return ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
-                                 save_total_limit=0).steps()
+    return ckpt_lib.saved_steps(RunDir(config.output_dir).checkpoints)
 
 
 def policy_source(config, *, checkpoint: bool = True) -> str:
@@ -239,7 +239,7 @@ def read_shards(out_dir: str, kind: str) -> list[list[dict]]:
 def load_reward_model(config, mesh):
     """(reward model, its tokenizer) of config.reward_model_name_or_path."""
     where = f"config.reward_model_name_or_path={config.reward_model_name_or_path!r}"
-    path = hub.resolve_pretrained(config.reward_model_name_or_path,
+    path = download.resolve_pretrained(config.reward_model_name_or_path,
                                   field="reward_model_name_or_path")
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     model = reward.from_pretrained(path, mesh=mesh, dtype=dtype, where=where)
@@ -312,7 +312,7 @@ def write_pairs(config, tokenizer) -> dict:
 def check_reward_model(config) -> None:
     """Refuses an unusable reward model from its config and tokenizer alone, before any sampling."""
     where = f"config.reward_model_name_or_path={config.reward_model_name_or_path!r}"
-    path = hub.resolve_pretrained(config.reward_model_name_or_path, weights=False,
+    path = download.resolve_pretrained(config.reward_model_name_or_path, weights=False,
                                   field="reward_model_name_or_path")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):

@@ -18,6 +18,7 @@ import numpy as np
 
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax.errors import UserError
+from simpo_jax.paths import RunDir
 from simpo_jax.onpolicy import generate as generate_lib
 from simpo_jax.onpolicy import pairs as pairs_lib
 from simpo_jax.onpolicy import prompts as prompts_lib
@@ -77,8 +78,7 @@ def rm_eval(config) -> dict:
     if not config.reward_model_name_or_path:
         raise UserError("--mode=rm_eval needs config.reward_model_name_or_path (a transformers "
                         "*ForSequenceClassification folder or Hub id).")
-    checkpoints = ckpt_lib.Checkpointer(os.path.join(config.output_dir, "checkpoints"),
-                                        save_total_limit=0).steps()
+    checkpoints = ckpt_lib.saved_steps(RunDir(config.output_dir).checkpoints)
     if not checkpoints and not config.resume_from:
         raise UserError(f"--mode=rm_eval: no checkpoint in {config.output_dir}/checkpoints to "
                         "judge; train first, or set config.resume_from to a checkpoint step folder.")
