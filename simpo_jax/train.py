@@ -20,7 +20,7 @@ from simpo_jax import models
 from simpo_jax import plots
 from simpo_jax import precision
 from simpo_jax import report
-from simpo_jax.build import Run, build, train_batch_iterator
+from simpo_jax.build import Run, build
 from simpo_jax.evaluation import eval_round
 from simpo_jax.errors import UserError
 
@@ -90,7 +90,7 @@ def _train(run: Run) -> dict:
                     "it is empty): training without evaluation.", list(config.dataset_splits))
     elif start == 0:
         eval_round(run, writer, 0)
-    batches = train_batch_iterator(run, start)
+    batches = run.batcher.batches(start)
 
     pending = None  # (step, metrics on device): read one step late, after t+1 is dispatched
     last_time = time.time()

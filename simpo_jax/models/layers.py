@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from simpo_jax.attention_tiles import SPARSE_BLOCK
+
 # Added to masked attention logits: finite, so fully masked (padding) rows give a uniform
 # softmax instead of NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -225,7 +227,6 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float 
     return jnp.concatenate(outs, axis=1)
 
 
-SPARSE_BLOCK = 64  # tokens per query / key block of block_sparse_attention
 # The tiles run when they are at most this fraction of the causal triangle's tiles; above it the
 # causal query blocks are faster, their larger matmuls running about 3x the FLOP rate of 64 x 64
 # tiles on XLA CPU (measured: rows of 768 tokens holding ~2.5 pairs list 50% of the triangle and
