@@ -115,7 +115,8 @@ def prompt_token_ids(tokenizer, messages: list, max_prompt_length: int, truncati
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = one_bos(_encode(tokenizer, text), tokenizer.bos_token_id)
     truncated = len(ids) > max_prompt_length
-    return truncate_prompt(ids, max_prompt_length, truncation_mode, tokenizer.bos_token_id), truncated
+    ids = truncate_prompt(ids, max_prompt_length, truncation_mode, tokenizer.bos_token_id)
+    return ids, truncated
 
 
 def _chat_ids(record: dict, tokenizer, settings: TokenizeSettings):

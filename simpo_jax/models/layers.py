@@ -246,7 +246,7 @@ def block_sparse_attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT, blocks_BM2, *, scal
 
     Packed rows see only their own segment (and a shared prompt), so most of the causal triangle
     is masked; blocks_BM2 [B, M, 2] lists the M block pairs of SPARSE_BLOCK tokens that hold a
-    visible key (packing.block_pairs; -1 pads). Keys outside them are masked anyway, so the
+    visible key (data/packed_rows.block_pairs; -1 pads). Keys outside them are masked anyway, so the
     result equals the dense masked softmax. Each pair's scores are one [b x b] tile; the softmax
     runs across the tiles of a query block, whose maxima and sums are gathered and summed by
     one-hot matmuls (exact: weights 0 and 1 at HIGHEST precision), which XLA runs far faster than
