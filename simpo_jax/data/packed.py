@@ -50,7 +50,7 @@ class PackedBatcher:
     accumulation_steps: int
     seed: int
     pairs: Any  # TokenizedPairs; None: abstract batches only (the planner)
-    pad_id: int
+    pad_id: int | None  # None with pairs None
 
     @classmethod
     def from_config(cls, config, mesh, data=None) -> "PackedBatcher":

@@ -34,7 +34,7 @@ class PaddedBatcher:
     seed: int
     group_by_length: bool
     pairs: Any  # TokenizedPairs; None: abstract batches only (the planner)
-    pad_id: int
+    pad_id: int | None  # None with pairs None
     layout: ClassVar[str] = "padded"
     meta: ClassVar[None] = None  # the checkpoint's "packing": none for padded batches
     description: ClassVar[None] = None  # the effective batch line says it all
