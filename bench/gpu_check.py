@@ -25,12 +25,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from simpo_jax import flops, models, optim, packing  # noqa: E402
+from simpo_jax import flops, models, optim  # noqa: E402
 from simpo_jax import loss as loss_lib  # noqa: E402
 from simpo_jax import sharding as sharding_lib  # noqa: E402
 from simpo_jax import step as step_lib  # noqa: E402
-from simpo_jax.data import TokenizedPairs  # noqa: E402
-from simpo_jax.data.batching import make_batch  # noqa: E402
+from simpo_jax.data import packed, packed_rows  # noqa: E402
+from simpo_jax.data.batch import batch_shardings  # noqa: E402
+from simpo_jax.data.padded import make_batch  # noqa: E402
+from simpo_jax.data.pairs import TokenizedPairs  # noqa: E402
 
 GPU = jax.default_backend() == "gpu"
 IMPLS = ("xla", "cudnn") if GPU else ("xla",)  # a CPU run is a smoke test of the script
@@ -53,12 +55,12 @@ def random_pairs(n, seed, lo=50, hi=150):
 
 
 def rows_of(pairs, layout, row_length, max_pairs=32, rows_multiple=1):
-    rows = packing.pack(packing.item_lengths(pairs, layout), row_length, max_pairs,
-                        np.random.default_rng(0))
+    rows = packed.pack(packed.item_lengths(pairs, layout), row_length, max_pairs,
+                       np.random.default_rng(0))
     rows += [np.zeros(0, np.int64)] * (-len(rows) % rows_multiple)
-    batch = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=row_length,
-                              max_pairs_per_row=max_pairs)
-    return batch, packing.slot_pairs(rows, max_pairs)
+    batch = packed_rows.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=row_length,
+                                  max_pairs_per_row=max_pairs)
+    return batch, packed.slot_pairs(rows, max_pairs)
 
 
 def correctness():
@@ -119,12 +121,12 @@ def throughput(steps=10 if GPU else 2):
             batches = [make_batch(pairs, order[i * pairs_per_step:(i + 1) * pairs_per_step],
                                   np.ones(pairs_per_step), 0, width) for i in range(steps)]
         else:
-            items = packing.item_lengths(pairs, layout)
+            items = packed.item_lengths(pairs, layout)
             row_length = 2048
             rows_per_step = int(np.ceil(pairs_per_step * items.mean() / (0.96 * row_length)))
-            it = packing.train_batches(pairs, layout=layout, rows_per_process=rows_per_step,
-                                       seed=0, pad_id=0, row_length=row_length,
-                                       max_pairs_per_row=32)
+            it = packed.row_batches(pairs, layout=layout, rows_per_process=rows_per_step,
+                                    seed=0, pad_id=0, row_length=row_length,
+                                    max_pairs_per_row=32)
             batches = [next(it) for _ in range(steps)]
         for impl in IMPLS:
             graphdef, params = nnx.split(models.from_config(LARGE, dtype=jnp.bfloat16, seed=0,
@@ -134,12 +136,11 @@ def throughput(steps=10 if GPU else 2):
                 mesh, abstract, batch_layout=layout, graphdef=graphdef, tx=tx,
                 schedule=schedule, cfg=cfg, accumulation_steps=1, logits_chunk_size=128)
             state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-            sh = step_lib.batch_shardings(mesh, layout)
-            device_batches = [{k: jax.device_put(v, sh[k]) for k, v in b.items()}
-                              for b in batches]
+            sh = batch_shardings(mesh, layout)
+            device_batches = [jax.device_put(b, sh) for b in batches]
             seen = set()
             for b in device_batches:  # compile every shape
-                shape = tuple(v.shape for v in b.values())
+                shape = tuple(v.shape for v in jax.tree.leaves(b))
                 if shape not in seen:
                     seen.add(shape)
                     state, m = fn(state, b)

@@ -26,6 +26,7 @@ from simpo_jax import loss as loss_lib  # noqa: E402
 from simpo_jax import models, optim, precision  # noqa: E402
 from simpo_jax import sharding as sharding_lib  # noqa: E402
 from simpo_jax import step as step_lib  # noqa: E402
+from simpo_jax.data.batch import PaddedBatch, batch_shardings  # noqa: E402
 
 MODEL = dict(model_type="llama", vocab_size=4096, hidden_size=512, intermediate_size=1408,
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -59,11 +60,10 @@ def main():
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
     rng = np.random.default_rng(0)
     ids = rng.integers(3, MODEL["vocab_size"], size=(PAIRS, 2, LENGTH)).astype(np.int32)
-    sh = step_lib.batch_shardings(mesh)
-    batch = {"input_ids": ids, "completion_start": np.full((PAIRS, 2), LENGTH // 2, np.int32),
-             "lengths": np.full((PAIRS, 2), LENGTH, np.int32),
-             "pair_mask": np.ones(PAIRS, np.float32)}
-    batch = {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
+    batch = PaddedBatch(input_ids=ids, completion_start=np.full((PAIRS, 2), LENGTH // 2, np.int32),
+                        lengths=np.full((PAIRS, 2), LENGTH, np.int32),
+                        pair_mask=np.ones(PAIRS, np.float32))
+    batch = jax.device_put(batch, batch_shardings(mesh))
     runs = {}
     for mode in MODES:
         fn, state, mem = build(*mode, mesh, batch)

@@ -56,11 +56,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from simpo_jax import flops, models, optim, packing  # noqa: E402
+from simpo_jax import flops, models, optim  # noqa: E402
 from simpo_jax import loss as loss_lib  # noqa: E402
 from simpo_jax import sharding as sharding_lib  # noqa: E402
 from simpo_jax import step as step_lib  # noqa: E402
-from simpo_jax.data import TokenizedPairs, train_batches  # noqa: E402
+from simpo_jax.data import packed, packed_rows  # noqa: E402
+from simpo_jax.data.batch import batch_shardings  # noqa: E402
+from simpo_jax.data.padded import pair_batches  # noqa: E402
+from simpo_jax.data.pairs import TokenizedPairs  # noqa: E402
 
 VOCAB = 32000  # the tokenizer's; the data uses ids below DATA_VOCAB, so both models read it
 DATA_VOCAB = 8192
@@ -171,29 +174,29 @@ class OurSide:
             mesh, abstract, batch_layout=layout, graphdef=self.graphdef, tx=tx,
             schedule=schedule, cfg=cfg, accumulation_steps=1, logits_chunk_size=chunk)
         self.state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-        self.shardings = step_lib.batch_shardings(mesh, layout)
+        self.shardings = batch_shardings(mesh, layout)
         self.layout, self.row_length = layout, 0
         if layout == "padded":
-            it = train_batches(pairs, batch_size=pairs_per_step, seed=0, pad_id=0, max_length=512)
+            it = pair_batches(pairs, batch_size=pairs_per_step, seed=0, pad_id=0, max_length=512)
         else:
-            items = packing.item_lengths(pairs, layout)
+            items = packed.item_lengths(pairs, layout)
             # Rows of the length that holds pairs_per_step pairs on average (at ~96% filled).
             self.row_length = max(int(items.max()), 128 * -(-int(
                 pairs_per_step * items.mean() / (rows_per_step * 0.96)) // 128))
-            it = packing.train_batches(pairs, layout=layout, rows_per_process=rows_per_step,
-                                       seed=0, pad_id=0, row_length=self.row_length,
-                                       max_pairs_per_row=32, score_group_rows=rows_per_step)
+            it = packed.row_batches(pairs, layout=layout, rows_per_process=rows_per_step,
+                                    seed=0, pad_id=0, row_length=self.row_length,
+                                    max_pairs_per_row=32, score_group_rows=rows_per_step)
         self.batches = [next(it) for _ in range(steps)]
         self.next = 0
 
     def _put(self, batch):
-        return {k: jax.device_put(v, self.shardings[k]) for k, v in batch.items()}
+        return jax.device_put(batch, self.shardings)
 
     def warm_up(self):
         """Compiles (and runs once) every batch shape the timed steps will see."""
         seen = set()
         for batch in self.batches:
-            shape = tuple(v.shape for v in batch.values())
+            shape = tuple(v.shape for v in jax.tree.leaves(batch))
             if shape not in seen:
                 seen.add(shape)
                 self.state, metrics = self.fn(self.state, self._put(batch))
@@ -210,17 +213,17 @@ class OurSide:
         jax.block_until_ready(metrics)
         seconds = time.perf_counter() - start
         if self.layout == "padded":
-            return seconds, int(batch["lengths"].sum()), int(batch["lengths"].sum())
-        return seconds, packing.pair_tokens(batch), int((batch["segment_ids"] > 0).sum())
+            return seconds, int(batch.lengths.sum()), int(batch.lengths.sum())
+        return seconds, packed_rows.pair_tokens(batch), int((batch.segment_ids > 0).sum())
 
     def pairs_per_step(self) -> float:
-        return float(np.mean([b["pair_mask"].sum() for b in self.batches]))
+        return float(np.mean([b.pair_mask.sum() for b in self.batches]))
 
     def fill(self) -> float:
         """Real tokens / computed slots of the timed batches."""
         if self.layout == "padded":
-            return float(np.mean([b["lengths"].sum() / b["input_ids"].size for b in self.batches]))
-        return float(np.mean([packing.packing_efficiency(b) for b in self.batches]))
+            return float(np.mean([b.lengths.sum() / b.input_ids.size for b in self.batches]))
+        return float(np.mean([packed_rows.packing_efficiency(b) for b in self.batches]))
 
 
 def compare(label: str, model: dict, work: str, tok, rows: dict, layouts, pairs_per_step: int,

@@ -1,7 +1,6 @@
 """Everything a run needs, built from a config: mesh, tokenizer, data, sharded state, steps.
 
-Also the resume logic (the latest complete checkpoint, checked against this run) and the device
-batch feed.
+Also the resume logic (the latest complete checkpoint, checked against this run).
 """
 
 from __future__ import annotations
@@ -11,23 +10,20 @@ import json
 import logging
 import math
 import os
-import queue
-import threading
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import config as config_lib
-from simpo_jax import data as data_lib
+from simpo_jax.data import batcher as batcher_lib, pairs as pairs_lib, tokenize
+from simpo_jax.data import report as data_report
 from simpo_jax.hub import download, publish
 from simpo_jax import lora as lora_lib
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
-from simpo_jax import packing
 from simpo_jax import paths
 from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
@@ -57,7 +53,7 @@ class Run:
     meta: dict
     start_step: int = 0
     restored_meta: dict | None = None  # the meta saved with the checkpoint resumed from
-    packing: dict | None = None  # packed layouts: packing_plan(); None for padded batches
+    batcher: batcher_lib.Batcher | None = None  # the training batches; None without data
     frozen: object = None  # LoRA: the frozen base's nnx.State (state.params holds the adapters)
 
     def model(self, params=None):
@@ -158,26 +154,18 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     model_path, tokenizer_path = pretrained_paths(config)
     if with_data and config.push_to_hub and jax.process_index() == 0:
         (log.info if config.hub_private_repo else log.warning)("%s", publish.upload_notice(config))
-    data_config = dataclasses.replace(data_lib.DataConfig.from_config(config),
+    data_config = dataclasses.replace(pairs_lib.DataConfig.from_config(config),
                                       tokenizer_name_or_path=tokenizer_path)
-    tokenizer = data_lib.load_tokenizer(data_config)
-    data, total_steps, pack = None, 1, None
+    tokenizer = tokenize.load_tokenizer(data_config)
+    data, total_steps, batcher = None, 1, None
     if with_data:
-        data = data_lib.build_datasets(data_config, tokenizer)
+        data = pairs_lib.build_datasets(data_config, tokenizer)
         if jax.process_index() == 0:
-            data_lib.write_report(data.report, config.output_dir)
-        if config.batch_layout == "padded":
-            steps_per_epoch = data_lib.steps_per_epoch(data.train, global_batch)
-        else:
-            pack = packing_plan(config, data.train, dp)
-            steps_per_epoch = packing.steps_per_epoch(
-                data.train, layout=pack["layout"], global_rows=pack["global_rows"],
-                row_length=pack["row_length"], max_pairs_per_row=pack["max_pairs_per_row"],
-                seed=config.seed)
-            print(f"{pack['layout']} batches: {pack['rows_per_device']} rows of "
-                  f"{pack['row_length']} tokens per device per micro-batch, {pack['global_rows']} "
-                  f"rows per step, {data.train.num_pairs / steps_per_epoch:.1f} pairs per step on "
-                  "average", flush=True)
+            data_report.write_report(data.report, config.output_dir)
+        batcher = batcher_lib.make_batcher(config, mesh, data)
+        if batcher.description:
+            print(batcher.description, flush=True)
+        steps_per_epoch = batcher.steps_per_epoch
         if steps_per_epoch < 1:
             raise UserError(f"The training split has {data.train.num_pairs} pairs, fewer than one "
                              f"global batch of {global_batch}.")
@@ -198,7 +186,7 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
     loss_cfg = loss_lib.LossConfig.from_config(config)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     train_step, state_sh = step_lib.jit_train_step(
-        mesh, abstract_state, batch_layout=pack["layout"] if pack else "padded",
+        mesh, abstract_state, batch_layout=batcher.layout if batcher else "padded",
         offload_optimizer_state=config.offload_optimizer_state, graphdef=graphdef, tx=tx, schedule=schedule, cfg=loss_cfg,
         accumulation_steps=config.gradient_accumulation_steps,
         logits_chunk_size=config.logits_chunk_size, frozen_shardings=frozen_sh)
@@ -219,12 +207,12 @@ def build(config, *, with_data: bool = True, schedule=None) -> Run:
         "global_batch": global_batch,
         "total_steps": total_steps,
         "seed": config.seed,
-        "packing": pack,
+        "packing": batcher.meta if batcher else None,
         "memory": memory_mode(config),
         "lora": lora_lib.meta(config, model_path),
     }
     run = Run(config, mesh, tokenizer, data, graphdef, state, state_sh, train_step, eval_step,
-              total_steps, global_batch, eval_batch, checkpointer, meta, packing=pack,
+              total_steps, global_batch, eval_batch, checkpointer, meta, batcher=batcher,
               frozen=frozen)
     run.start_step = resume(run, check=("model", "data_fingerprint", "global_batch", "seed", "packing",
                                    "memory", "lora") if with_data else ("model", "memory", "lora")
@@ -247,50 +235,6 @@ def add_lora(config, graphdef, params, mesh):
     if config.lora_base_quantization == "int8":
         lora_lib.quantize_base(model, config.lora_target_modules, mesh=mesh)
     return lora_lib.split(model)
-
-
-def packing_plan(config, pairs, data_parallel: int) -> dict:
-    """Row length and rows per step of the packed layouts, checked against the data."""
-    layout = config.batch_layout
-    row_length = config.pack_row_length or 2 * config.max_length
-    items = packing.check_row_length(pairs, layout, row_length)
-    rows = config.pack_rows_per_device or max(1, math.ceil(
-        config.per_device_train_batch_size * items.mean() / (0.95 * row_length)))
-    global_rows = rows * data_parallel * config.gradient_accumulation_steps
-    if global_rows % jax.process_count():
-        raise UserError(f"{global_rows} packed rows per step do not split over "
-                         f"{jax.process_count()} processes: set config.pack_rows_per_device.")
-    return {"layout": layout, "row_length": int(row_length), "rows_per_device": int(rows),
-            "global_rows": int(global_rows), "max_pairs_per_row": config.pack_max_pairs_per_row}
-
-
-def train_batch_iterator(run: Run, start_step: int = 0) -> "prefetch":
-    """This process's training batches from global step start_step on, prefetched to the devices.
-
-    group_by_length applies to the padded layout; packed rows are filled by length in their own
-    windows and then shuffled, so a packed step mixes lengths either way.
-    """
-    config = run.config
-    where = dict(seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-                 process_count=jax.process_count(), pad_id=run.data.pad_id)
-    if run.packing is None:
-        batches = data_lib.train_batches(
-            run.data.train, batch_size=run.global_batch // jax.process_count(),
-            max_length=config.max_length, length_buckets=tuple(config.length_buckets),
-            group_by_length=config.group_by_length, **where)
-        return prefetch(batches, step_lib.batch_shardings(run.mesh))
-    pack = run.packing
-    rows_per_process = pack["global_rows"] // jax.process_count()
-    accum = config.gradient_accumulation_steps
-    # Score groups: the rows one device computes in one micro-batch pool their scored tokens
-    # (packing.score_groups), unless a process's rows are not whole groups.
-    group = pack["rows_per_device"]
-    group = group if rows_per_process % (group * accum) == 0 else 1
-    batches = packing.train_batches(
-        run.data.train, layout=pack["layout"], rows_per_process=rows_per_process,
-        row_length=pack["row_length"], max_pairs_per_row=pack["max_pairs_per_row"],
-        score_group_rows=group, accumulation_steps=accum, **where)
-    return prefetch(batches, step_lib.batch_shardings(run.mesh, pack["layout"]))
 
 
 def resume(run: Run, check: tuple[str, ...]) -> int:
@@ -330,63 +274,3 @@ def resume(run: Run, check: tuple[str, ...]) -> int:
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) < 300 else text[:300] + "..."
-
-
-def to_global(batch: dict, shardings: dict) -> dict:
-    """This process's rows of the global batch -> global jax.Arrays sharded over data x fsdp."""
-    out = {}
-    for k in shardings:
-        local = np.asarray(batch[k])
-        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(shardings[k], local, global_shape)
-    return out
-
-
-class prefetch:
-    """Global device batches built by a background thread, `depth` steps ahead of the loop.
-
-    Use as a context manager (or call close()): the thread is stopped and joined before the
-    process exits, never left inside a JAX call at interpreter shutdown.
-    """
-
-    def __init__(self, batches, shardings: dict, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(batches, shardings),
-                                        daemon=True)
-        self._thread.start()
-
-    def _produce(self, batches, shardings):
-        try:
-            for batch in batches:
-                item = to_global(batch, shardings)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except Exception as e:  # surfaced in the training thread
-            self._queue.put(e)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False

@@ -64,9 +64,9 @@ def preflight(config, mode: str, source: str = ""):
     check_hub_model_id(config.hub_model_id)
     check_mesh_size(config)
     if mode in DATA_MODES:
-        from simpo_jax import data as data_lib
+        from simpo_jax.data import rows
 
-        data_lib.check_paths(config.dataset_mixer)
+        rows.check_paths(config.dataset_mixer)
     if config.resume_from:
         path = paths.resolve_local(config.resume_from)
         if path is None or not os.path.isdir(path) or not os.path.basename(

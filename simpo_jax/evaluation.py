@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simpo_jax import data as data_lib
 from simpo_jax import loss as loss_lib
 from simpo_jax import report
-from simpo_jax import step as step_lib
-from simpo_jax.build import Run, build, to_global
+from simpo_jax.build import Run, build
+from simpo_jax.data import feed, padded
+from simpo_jax.data.batch import batch_shardings
 from simpo_jax.errors import UserError
 from simpo_jax.models import generate
 from simpo_jax.paths import RunDir
@@ -24,14 +24,14 @@ def evaluate(run: Run) -> dict:
     """Metrics over the whole eval split (padding pairs excluded); {} when there is none."""
     if not run.data.eval.num_pairs:
         return {}
-    shardings = step_lib.batch_shardings(run.mesh)
+    shardings = batch_shardings(run.mesh)
     total = None
-    for batch in data_lib.eval_batches(
+    for batch in padded.eval_batches(
             run.data.eval, batch_size=run.eval_batch // jax.process_count(),
             pad_id=run.data.pad_id, max_length=run.config.max_length,
             length_buckets=tuple(run.config.length_buckets),
             process_index=jax.process_index(), process_count=jax.process_count()):
-        sums = run.eval_step(run.state.params, to_global(batch, shardings))
+        sums = run.eval_step(run.state.params, feed.to_global(batch, shardings))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     metrics = loss_lib.finalize_metrics(total, loss_lib.LossConfig.from_config(run.config))
     return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -13,7 +13,7 @@ import numpy as np
 
 from simpo_jax import optim
 from simpo_jax import plots
-from simpo_jax.build import build, train_batch_iterator
+from simpo_jax.build import build
 from simpo_jax.errors import UserError
 
 
@@ -110,7 +110,7 @@ def lr_find(config) -> dict:
     schedule = optim.range_test_schedule(low, high, config.lr_find_steps)
     run = build(sweep, schedule=schedule)
     run.checkpointer.close()
-    batches = train_batch_iterator(run)
+    batches = run.batcher.batches()
     lrs, losses = [], []
     with batches:
         for _ in range(config.lr_find_steps):

@@ -35,7 +35,7 @@ from simpo_jax.plan_search import candidates, overrides, setting_of, with_settin
 from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
-from simpo_jax.models.layers import SPARSE_BLOCK
+from simpo_jax.data.batcher import make_batcher
 from simpo_jax.errors import UserError
 from simpo_jax import paths
 
@@ -166,38 +166,6 @@ def activation_estimate(arch, *, pairs: int, length: int, remat: str, dtype_byte
     return arch.num_layers * saved + full_layer + logits
 
 
-def abstract_batch(config, mesh) -> tuple[dict, int, int]:
-    """The global batch of the configured layout as abstract arrays; (batch, pairs, tokens).
-
-    Packed rows: pack_rows_per_device rows (else per_device_train_batch_size, one full-length pair
-    per row at worst) of pack_row_length (else 2 x max_length) tokens, every position scorable.
-    """
-    dp = sharding_lib.data_parallel_size(mesh)
-    accum = config.gradient_accumulation_steps
-    batch_sh = step_lib.batch_shardings(mesh, config.batch_layout)
-    if config.batch_layout == "padded":
-        pairs, t = config.per_device_train_batch_size * dp * accum, config.max_length
-        shapes = {"input_ids": ((pairs, 2, t), jnp.int32),
-                  "completion_start": ((pairs, 2), jnp.int32),
-                  "lengths": ((pairs, 2), jnp.int32), "pair_mask": ((pairs,), jnp.float32)}
-        tokens = pairs * 2 * t
-    else:
-        rows = (config.pack_rows_per_device or config.per_device_train_batch_size) * dp * accum
-        t, p = config.pack_row_length or 2 * config.max_length, config.pack_max_pairs_per_row
-        shapes = {k: ((rows, t), jnp.int32)
-                  for k in ("input_ids", "positions", "segment_ids", "branch_ids")}
-        shapes.update({k: ((rows, t), jnp.int32)
-                       for k in ("score_index", "score_target", "score_slot")})
-        nb = -(-t // SPARSE_BLOCK)  # at worst one pair fills a row: the whole causal triangle
-        shapes.update(prompt_lengths=((rows, p), jnp.int32),
-                      completion_lengths=((rows, p, 2), jnp.int32),
-                      pair_mask=((rows, p), jnp.float32),
-                      attention_blocks=((rows, nb * (nb + 1) // 2, 2), jnp.int32))
-        pairs, tokens = rows * p, rows * t
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
-    return batch, pairs, tokens
-
-
 def compile_step(config, hf_config: dict, devices):
     """Lowers and compiles the train step the config would run, on abstract inputs.
 
@@ -236,7 +204,7 @@ def compile_step(config, hf_config: dict, devices):
         schedule=schedule, cfg=loss_lib.LossConfig.from_config(config),
         accumulation_steps=config.gradient_accumulation_steps,
         logits_chunk_size=config.logits_chunk_size, frozen_shardings=frozen_sh)
-    batch, pairs, tokens = abstract_batch(config, mesh)
+    batch, pairs, tokens = make_batcher(config, mesh).abstract_batch()
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract_state, state_sh)
     params_b = _sharded_bytes(abstract_state.params, state_sh.params)
@@ -248,9 +216,9 @@ def compile_step(config, hf_config: dict, devices):
     opt_b = _sharded_bytes(abstract_state.opt_state, state_sh.opt_state)
     host_b = opt_b if config.offload_optimizer_state else 0
     arch = model.arch
-    t = config.max_length if config.batch_layout == "padded" else batch["input_ids"].shape[1]
-    per_device_rows = batch["input_ids"].shape[0] // (sharding_lib.data_parallel_size(mesh)
-                                                      * config.gradient_accumulation_steps)
+    t = config.max_length if config.batch_layout == "padded" else batch.input_ids.shape[1]
+    per_device_rows = batch.input_ids.shape[0] // (sharding_lib.data_parallel_size(mesh)
+                                                   * config.gradient_accumulation_steps)
     result = {
         "setting": setting_of(config), "batch_layout": config.batch_layout,
         "remat_policy": remat, "mesh": dict(mesh.shape),
@@ -262,7 +230,7 @@ def compile_step(config, hf_config: dict, devices):
         "num_params": sum(x.size for x in jax.tree.leaves(params)),
         "params_bytes": params_b, "opt_state_bytes": opt_b - host_b, "host_bytes": host_b,
         "frozen_bytes": frozen_b,  # LoRA: the frozen base (params_bytes: the adapters)
-        "batch_bytes": _sharded_bytes(batch, {k: v.sharding for k, v in batch.items()}),
+        "batch_bytes": _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch)),
         "model_flops_per_step": flops.model_flops(arch, tokens, t),  # PaLM convention
         "activation_estimate_bytes": activation_estimate(
             arch, pairs=per_device_rows if config.batch_layout == "padded" else per_device_rows / 2,

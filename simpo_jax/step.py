@@ -1,12 +1,7 @@
 """Train state and the pure SimPO train/eval steps, jitted once with explicit shardings.
 
-Batch (from simpo_jax.data), B pairs, T tokens:
-  input_ids [B, 2, T] int32 (0 = prompt+chosen, 1 = prompt+rejected, right-padded),
-  completion_start [B, 2], lengths [B, 2] int32 (scored tokens are [start, length)),
-  pair_mask [B] float32 (0 for padding pairs).
-Packed rows (batch_layout "packed" or "shared_prompt", R rows): see simpo_jax/packing.py;
-`pair_forward` and the steps tell the formats apart by their keys, `batch_shardings(mesh, layout)`
-shards either.
+A batch is a data.batch.PaddedBatch (B pairs of T tokens) or PackedBatch (R rows holding several
+pairs, batch_layout "packed" or "shared_prompt"); `pair_forward` and the steps ask which it is.
 """
 
 from __future__ import annotations
@@ -19,18 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from simpo_jax import loss as loss_lib
 from simpo_jax import sharding as sharding_lib
-from simpo_jax.config.choices import BatchLayout
+from simpo_jax.data.batch import PackedBatch, batch_shardings
 from simpo_jax.models import head as head_lib
-
-BATCH_KEYS = ("input_ids", "completion_start", "lengths", "pair_mask")
-PACKED_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "score_index",
-               "score_target", "score_slot", "prompt_lengths", "completion_lengths", "pair_mask",
-               "attention_blocks")
-BATCH_LAYOUTS = BatchLayout.values()
 
 
 @flax.struct.dataclass
@@ -61,13 +50,13 @@ def pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
 
     Either batch format; packed rows give R * max_pairs_per_row pair slots (row-major).
     """
-    if is_packed(batch):
+    if isinstance(batch, PackedBatch):
         return packed_pair_stats(graphdef, params, batch, logits_chunk_size)
     model = nnx.merge(graphdef, params)
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     b, two, t = ids.shape
     flat_ids = ids.reshape(b * two, t)
-    starts, lengths = batch["completion_start"].reshape(-1), batch["lengths"].reshape(-1)
+    starts, lengths = batch.completion_start.reshape(-1), batch.lengths.reshape(-1)
     mask = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
     hidden = model.hidden_states(flat_ids, mask)[:, :-1]  # position t predicts token t + 1
     tok_logps, tok_mean_logits = scored_token_stats(hidden, model, flat_ids[:, 1:],
@@ -77,11 +66,7 @@ def pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
     safe = jnp.maximum(counts, 1.0)  # an empty completion gives 0, never NaN; such pairs are masked
     logps, counts, mean_logits = (x.reshape(b, two) for x in (
         (tok_logps * scored).sum(-1) / safe, counts, (tok_mean_logits * scored).sum(-1) / safe))
-    return logps, counts, mean_logits, logps * counts, batch["pair_mask"]
-
-
-def is_packed(batch) -> bool:
-    return "segment_ids" in batch
+    return logps, counts, mean_logits, logps * counts, batch.pair_mask
 
 
 def scored_token_stats(h_RND, model, targets_RN, chunk_size: int = 0):
@@ -103,18 +88,18 @@ def scored_token_stats(h_RND, model, targets_RN, chunk_size: int = 0):
 def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
     """`pair_stats` of packed / shared-prompt rows: the LM head runs on scored tokens only."""
     model = nnx.merge(graphdef, params)
-    segments = batch["segment_ids"]
-    hidden = model.hidden_states(batch["input_ids"], (segments > 0).astype(jnp.int32),
-                                 positions=batch["positions"], segment_ids=segments,
-                                 branch_ids=batch["branch_ids"],
-                                 attention_blocks=batch["attention_blocks"])
+    segments = batch.segment_ids
+    hidden = model.hidden_states(batch.input_ids, (segments > 0).astype(jnp.int32),
+                                 positions=batch.positions, segment_ids=segments,
+                                 branch_ids=batch.branch_ids,
+                                 attention_blocks=batch.attention_blocks)
     r, t, d = hidden.shape
-    groups = batch["score_index"].shape[0]  # score groups of g = r / groups rows (packing.py)
+    groups = batch.score_index.shape[0]  # score groups of g = r / groups rows (packed_rows.py)
     h = jnp.take_along_axis(hidden.reshape(groups, r // groups * t, d),
-                            batch["score_index"][..., None], axis=1)  # [R/g, g*N, D]
-    tok_logps, tok_mean_logits = scored_token_stats(h, model, batch["score_target"],
+                            batch.score_index[..., None], axis=1)  # [R/g, g*N, D]
+    tok_logps, tok_mean_logits = scored_token_stats(h, model, batch.score_target,
                                                     logits_chunk_size)
-    p = batch["pair_mask"].shape[1]
+    p = batch.pair_mask.shape[1]
     # Per-group sums into (pair slot, side) by a one-hot contraction: local to each group (shard).
     onehot = _slot_onehot(batch)
     token_sums, logit_sums = (jnp.einsum("rn,rnk->rk", x, onehot).reshape(r * p, 2)
@@ -127,9 +112,9 @@ def packed_pair_stats(graphdef, params, batch, logits_chunk_size: int = 0):
 def _slot_onehot(batch):
     """[R/g, g*N, 2*g*P] float32: a group's scored token n belongs to (row k, pair slot, side) at
     2 * (k * P + slot) + side; slot -1: none."""
-    r, p = batch["pair_mask"].shape
-    g = r // batch["score_slot"].shape[0]
-    return jax.nn.one_hot(batch["score_slot"], 2 * g * p, dtype=jnp.float32)
+    r, p = batch.pair_mask.shape
+    g = r // batch.score_slot.shape[0]
+    return jax.nn.one_hot(batch.score_slot, 2 * g * p, dtype=jnp.float32)
 
 
 def scored_counts(batch):
@@ -138,23 +123,23 @@ def scored_counts(batch):
     The tokens the loss scores and no others: the padded layout's loss.completion_mask, the packed
     rows' score slots. Known before the forward pass, so the train step's denominators use it.
     """
-    if is_packed(batch):
-        # packing.py scores a completion's tokens from index 1 of its sequence on: all of them
+    if isinstance(batch, PackedBatch):
+        # packed_rows.py scores a completion's tokens from index 1 of its sequence on: all of them
         # after a prompt, all but the first after an empty prompt.
-        first = (batch["prompt_lengths"] == 0)[..., None].astype(jnp.int32)
-        scored = jnp.maximum(batch["completion_lengths"] - first, 0).astype(jnp.float32)
-        pair_mask = batch["pair_mask"].reshape(-1)
+        first = (batch.prompt_lengths == 0)[..., None].astype(jnp.int32)
+        scored = jnp.maximum(batch.completion_lengths - first, 0).astype(jnp.float32)
+        pair_mask = batch.pair_mask.reshape(-1)
         return scored.reshape(-1, 2) * pair_mask[:, None], pair_mask
-    ids = batch["input_ids"]
-    mask = loss_lib.completion_mask(batch["completion_start"], batch["lengths"], ids.shape[-1])
-    return mask.sum(-1).astype(jnp.float32), batch["pair_mask"]
+    ids = batch.input_ids
+    mask = loss_lib.completion_mask(batch.completion_start, batch.lengths, ids.shape[-1])
+    return mask.sum(-1).astype(jnp.float32), batch.pair_mask
 
 
 def _num_tokens(batch):
     """Real (non-padding) tokens the model computes: a shared prompt counts once."""
-    if is_packed(batch):
-        return jnp.sum(batch["segment_ids"] > 0)
-    return jnp.sum(batch["lengths"] * batch["pair_mask"][:, None])
+    if isinstance(batch, PackedBatch):
+        return jnp.sum(batch.segment_ids > 0)
+    return jnp.sum(batch.lengths * batch.pair_mask[:, None])
 
 
 def denominators(batch):
@@ -232,20 +217,6 @@ def eval_sums(params, batch, frozen=None, *, graphdef, cfg: loss_lib.LossConfig,
     """Metric sums of one eval batch; add them up over the split, then `finalize_metrics`."""
     sums, _, _ = pair_forward(graphdef, with_frozen(params, frozen), batch, cfg, logits_chunk_size)
     return sums
-
-
-def batch_shardings(mesh: Mesh, layout: str = "padded") -> dict[str, NamedSharding]:
-    """Pairs (or packed rows) split over data x fsdp; chosen and rejected of a pair stay together."""
-    if layout not in BATCH_LAYOUTS:
-        raise ValueError(f"batch_layout={layout!r}; valid: {', '.join(BATCH_LAYOUTS)}.")
-    if layout != "padded":
-        return {k: NamedSharding(mesh, P(sharding_lib.BATCH_AXES)) for k in PACKED_KEYS}
-    return {
-        "input_ids": NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None, None)),
-        "completion_start": NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None)),
-        "lengths": NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None)),
-        "pair_mask": NamedSharding(mesh, P(sharding_lib.BATCH_AXES)),
-    }
 
 
 def state_shardings(mesh: Mesh, abstract_state: TrainState, offload: bool = False) -> TrainState:

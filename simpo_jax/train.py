@@ -17,7 +17,7 @@ from simpo_jax import models
 from simpo_jax import plots
 from simpo_jax import precision
 from simpo_jax import report
-from simpo_jax.build import Run, build, train_batch_iterator
+from simpo_jax.build import Run, build
 from simpo_jax.evaluation import eval_round
 from simpo_jax.errors import UserError
 from simpo_jax.hub import publish
@@ -88,7 +88,7 @@ def _train(run: Run) -> dict:
                     "it is empty): training without evaluation.", list(config.dataset_splits))
     elif start == 0:
         eval_round(run, writer, 0)
-    batches = train_batch_iterator(run, start)
+    batches = run.batcher.batches(start)
     step_log = StepLog(run, writer, advisor, flops_per_token, peak)
     with ckpt_lib.PreemptionGuard() as guard, batches:
         for step in range(start + 1, run.total_steps + 1):

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from simpo_jax import models
-from simpo_jax import packing
-from simpo_jax.data import TokenizedPairs
+from simpo_jax.data import PACKED_LAYOUTS, packed, packed_rows
+from simpo_jax.data.pairs import TokenizedPairs
 from simpo_jax.models import layers as L
 from test_packing import GEMMA2, LLAMA
 
@@ -27,24 +27,24 @@ LENGTHS = [(70, 40, 90), (0, 30, 5), (20, 0, 64), (130, 64, 1), (5, 6, 7), (63, 
 
 
 def dense_block_mask(batch, row_length):
-    mask = np.asarray(L.base_mask(jnp.asarray(batch["segment_ids"] > 0),
-                                  jnp.asarray(batch["segment_ids"]),
-                                  jnp.asarray(batch["branch_ids"])))
+    mask = np.asarray(L.base_mask(jnp.asarray(batch.segment_ids > 0),
+                                  jnp.asarray(batch.segment_ids),
+                                  jnp.asarray(batch.branch_ids)))
     nb = -(-row_length // L.SPARSE_BLOCK)
     pad = nb * L.SPARSE_BLOCK - row_length
     mask = np.pad(mask, ((0, 0), (0, pad), (0, pad)))
     return mask.reshape(len(mask), nb, L.SPARSE_BLOCK, nb, L.SPARSE_BLOCK).any(axis=(2, 4))
 
 
-@pytest.mark.parametrize("layout", packing.LAYOUTS)
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS)
 def test_listed_tiles_are_exactly_those_with_a_visible_key(layout):
     pairs = pairs_of(LENGTHS)
     row_length = 1000
     rows = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([5]), np.zeros(0, np.int64)]
-    batch = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=row_length,
-                              max_pairs_per_row=4)
+    batch = packed_rows.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=row_length,
+                                  max_pairs_per_row=4)
     want = dense_block_mask(batch, row_length)
-    for r, listed in enumerate(batch["attention_blocks"]):
+    for r, listed in enumerate(batch.attention_blocks):
         listed = listed[listed[:, 0] >= 0]
         got = np.zeros_like(want[r])
         got[listed[:, 0], listed[:, 1]] = True
@@ -52,25 +52,25 @@ def test_listed_tiles_are_exactly_those_with_a_visible_key(layout):
         np.testing.assert_array_equal(got, want[r])
     # Fewer tiles than the causal triangle a dense kernel computes.
     nb = want.shape[1]
-    assert batch["attention_blocks"].shape[1] < nb * (nb + 1) // 2
+    assert batch.attention_blocks.shape[1] < nb * (nb + 1) // 2
 
 
 def attention_inputs(layout, row_length, seed=0, heads=4, kv_heads=2, head_dim=8, window=None):
     pairs = pairs_of(LENGTHS, seed)
     rows = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5])]
-    batch = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=row_length,
-                              max_pairs_per_row=3)
-    seg = jnp.asarray(batch["segment_ids"])
-    mask = L.base_mask(seg > 0, seg, jnp.asarray(batch["branch_ids"]))
+    batch = packed_rows.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=row_length,
+                                  max_pairs_per_row=3)
+    seg = jnp.asarray(batch.segment_ids)
+    mask = L.base_mask(seg > 0, seg, jnp.asarray(batch.branch_ids))
     if window is not None:
-        mask &= L.window_mask(jnp.asarray(batch["positions"]), window)
+        mask &= L.window_mask(jnp.asarray(batch.positions), window)
     keys = jax.random.split(jax.random.key(seed), 4)
     b, t = seg.shape
     q = jax.random.normal(keys[0], (b, t, heads, head_dim)) * 2.0
     k = jax.random.normal(keys[1], (b, t, kv_heads, head_dim)) * 2.0
     v = jax.random.normal(keys[2], (b, t, kv_heads, head_dim))
     cot = jax.random.normal(keys[3], q.shape) * (seg > 0)[:, :, None, None]  # real queries only
-    return q, k, v, mask, jnp.asarray(batch["attention_blocks"]), cot, seg > 0
+    return q, k, v, mask, jnp.asarray(batch.attention_blocks), cot, seg > 0
 
 
 @pytest.mark.parametrize("layout,row_length,softcap,window", [
@@ -128,25 +128,25 @@ def test_decoder_on_tiles_equals_causal_blocks(config):
     equal those of the causal-block attention on the same rows."""
     pairs = pairs_of([(n % 9, 3 + n % 11, 1 + n % 7) for n in range(80)], seed=3)
     row_length = 1024
-    rows = packing.pack(packing.item_lengths(pairs, "shared_prompt"), row_length, 64,
-                        np.random.default_rng(0))
-    batch = {k: jnp.asarray(v) for k, v in packing.make_rows(
+    rows = packed.pack(packed.item_lengths(pairs, "shared_prompt"), row_length, 64,
+                       np.random.default_rng(0))
+    batch = jax.tree.map(jnp.asarray, packed_rows.make_rows(
         pairs, rows, layout="shared_prompt", pad_id=0, row_length=row_length,
-        max_pairs_per_row=64).items()}
-    assert L.sparse_pays(row_length, batch["attention_blocks"].shape[1])
+        max_pairs_per_row=64))
+    assert L.sparse_pays(row_length, batch.attention_blocks.shape[1])
     graphdef, params = nnx.split(models.from_config(config, seed=2), nnx.Param)
-    real = (batch["segment_ids"] > 0)[..., None]
+    real = (batch.segment_ids > 0)[..., None]
     cot = jax.random.normal(jax.random.key(0), real.shape[:2] + (config["hidden_size"],)) * real
 
     def loss(params, blocks):
         model = nnx.merge(graphdef, params)
-        h = model.hidden_states(batch["input_ids"], batch["segment_ids"] > 0,
-                                positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                branch_ids=batch["branch_ids"], attention_blocks=blocks)
+        h = model.hidden_states(batch.input_ids, batch.segment_ids > 0,
+                                positions=batch.positions, segment_ids=batch.segment_ids,
+                                branch_ids=batch.branch_ids, attention_blocks=blocks)
         return (h * cot).sum(), h
 
     grad = jax.jit(jax.grad(loss, has_aux=True))
-    g_tiles, h_tiles = grad(params, batch["attention_blocks"])
+    g_tiles, h_tiles = grad(params, batch.attention_blocks)
     g_causal, h_causal = grad(params, None)
     np.testing.assert_allclose(np.where(real, h_tiles, 0), np.where(real, h_causal, 0),
                                atol=1e-5, rtol=1e-5)

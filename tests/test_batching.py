@@ -1,15 +1,14 @@
 """Padded training order: a plain shuffle by default (as TRL), length-grouped windows with
 group_by_length; either a pure function of (seed, step), split over processes."""
 
-import types
-
 import jax
 import numpy as np
 import pytest
 
 from simpo_jax import build
 from simpo_jax import sharding as sharding_lib
-from simpo_jax.data import TokenizedPairs, batching
+from simpo_jax.data import padded
+from simpo_jax.data.pairs import TokenizedPairs
 
 GLOBAL_BATCH = 4
 
@@ -28,12 +27,12 @@ def pairs_of_many_lengths(n=300, seed=0):
 
 
 def batch_pairs(batch):
-    return (batch["input_ids"][:, 0, 0] - 3).tolist()
+    return (batch.input_ids[:, 0, 0] - 3).tolist()
 
 
 def take(pairs, count, **kw):
-    it = batching.train_batches(pairs, batch_size=kw.pop("batch_size", GLOBAL_BATCH), seed=7,
-                                pad_id=0, max_length=64, **kw)
+    it = padded.pair_batches(pairs, batch_size=kw.pop("batch_size", GLOBAL_BATCH), seed=7,
+                             pad_id=0, max_length=64, **kw)
     return [next(it) for _ in range(count)]
 
 
@@ -48,21 +47,21 @@ def test_default_order_is_a_plain_shuffle():
     steps = pairs.num_pairs // GLOBAL_BATCH
     for epoch in (0, 1):
         expected = np.random.default_rng([7, epoch]).permutation(pairs.num_pairs)
-        order = batching.epoch_order(lengths, GLOBAL_BATCH, 7, epoch)
+        order = padded.epoch_order(lengths, GLOBAL_BATCH, 7, epoch)
         assert order.tolist() == expected[:steps * GLOBAL_BATCH].reshape(steps, -1).tolist()
     got = take(pairs, steps + 2)
-    assert [batch_pairs(b) for b in got[:steps]] == batching.epoch_order(
+    assert [batch_pairs(b) for b in got[:steps]] == padded.epoch_order(
         lengths, GLOBAL_BATCH, 7, 0).tolist()
-    assert batch_pairs(got[steps]) == batching.epoch_order(lengths, GLOBAL_BATCH, 7, 1)[0].tolist()
+    assert batch_pairs(got[steps]) == padded.epoch_order(lengths, GLOBAL_BATCH, 7, 1)[0].tolist()
 
 
 def test_group_by_length_sorts_windows_of_batches():
     pairs = pairs_of_many_lengths()
     lengths = pairs.lengths()
-    grouped = batching.epoch_order(lengths, GLOBAL_BATCH, 7, 0, group_by_length=True)
-    plain = batching.epoch_order(lengths, GLOBAL_BATCH, 7, 0)
+    grouped = padded.epoch_order(lengths, GLOBAL_BATCH, 7, 0, group_by_length=True)
+    plain = padded.epoch_order(lengths, GLOBAL_BATCH, 7, 0)
     assert sorted(grouped.ravel()) == sorted(plain.ravel())  # the same pairs, once each
-    window = batching.WINDOW_BATCHES
+    window = padded.WINDOW_BATCHES
     for start in range(0, len(grouped), window):
         part = sorted(grouped[start:start + window],
                       key=lambda rows: (lengths[rows].min(), lengths[rows].max()))
@@ -81,23 +80,25 @@ def test_order_resumes_exactly_and_splits_over_processes(group_by_length):
     for k in (1, steps - 1, steps + 1):  # across the epoch boundary
         resumed = take(pairs, 2, start_step=k, group_by_length=group_by_length)
         for a, b in zip(resumed, full[k:k + 2]):
-            assert all(np.array_equal(a[key], b[key]) for key in a)
+            assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     halves = [take(pairs, 3, start_step=steps - 1, batch_size=GLOBAL_BATCH // 2, process_index=p,
                    process_count=2, group_by_length=group_by_length) for p in (0, 1)]
     for g, a, b in zip(full[steps - 1:], *halves):
-        for key in g:  # the same padded length on every process
-            assert np.array_equal(np.concatenate([a[key], b[key]]), g[key]), key
+        for key in ("input_ids", "completion_start", "lengths", "pair_mask"):
+            # the same padded length on every process
+            assert np.array_equal(np.concatenate([getattr(a, key), getattr(b, key)]),
+                                  getattr(g, key)), key
 
 
-def test_train_batch_iterator_reads_group_by_length():
+def test_batcher_reads_group_by_length():
     pairs = pairs_of_many_lengths()
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
     got = {}
     for flag in (False, True):
-        config = types.SimpleNamespace(seed=7, max_length=64, length_buckets=(), group_by_length=flag)
-        run = types.SimpleNamespace(config=config, data=types.SimpleNamespace(train=pairs, pad_id=0),
-                                    global_batch=GLOBAL_BATCH, mesh=mesh, packing=None)
-        with build.train_batch_iterator(run, start_step=3) as it:
+        batcher = padded.PaddedBatcher(mesh=mesh, global_batch=GLOBAL_BATCH, max_length=64,
+                                       length_buckets=(), seed=7, group_by_length=flag,
+                                       pairs=pairs, pad_id=0)
+        with batcher.batches(start_step=3) as it:
             got[flag] = [batch_pairs(jax.tree.map(np.asarray, next(it))) for _ in range(2)]
         want = take(pairs, 2, start_step=3, group_by_length=flag)
         assert got[flag] == [batch_pairs(b) for b in want]
@@ -117,11 +118,12 @@ def test_resumed_loop_reads_the_batches_of_the_checkpoint_step(tmp_path, monkeyp
     run.checkpointer.save(2, run.state, run.meta)
     run.checkpointer.close()
     seen = []
+    batches = padded.PaddedBatcher.batches
 
-    def recording(run, start_step=0):
+    def recording(batcher, start_step=0):
         seen.append(start_step)
-        return build.train_batch_iterator(run, start_step)
+        return batches(batcher, start_step)
 
-    monkeypatch.setattr(train, "train_batch_iterator", recording)
+    monkeypatch.setattr(padded.PaddedBatcher, "batches", recording)
     train.train(config)
     assert seen == [2]

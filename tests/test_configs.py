@@ -11,7 +11,7 @@ import pytest
 from ml_collections import config_flags
 
 from simpo_jax import config as config_lib
-from simpo_jax.data import DataConfig
+from simpo_jax.data.pairs import DataConfig
 from simpo_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +151,7 @@ DOTTED = {"/data/prefs.v1/train.jsonl": 1.0, "~/.cache/prefs/train.jsonl": 0.25,
 PARSE = """import json, sys
 from absl import flags
 import run
-from simpo_jax.data import DataConfig
+from simpo_jax.data.pairs import DataConfig
 run.parse_flags(sys.argv)
 print(json.dumps(DataConfig.from_config(flags.FLAGS.config).dataset_mixer))
 """

@@ -148,6 +148,7 @@ def test_step_statistics_and_gradients_match_transformers(name, tmp_path):
 
     from simpo_jax import models
     from simpo_jax import step as step_lib
+    from simpo_jax.data.batch import PaddedBatch
     from test_models import save_variant
 
     hf = save_variant(name, tmp_path)
@@ -157,8 +158,8 @@ def test_step_statistics_and_gradients_match_transformers(name, tmp_path):
     ids = rng.integers(3, 128, (2, 2, t)).astype(np.int32)
     starts = np.array([[4, 4], [6, 6]], np.int32)
     lengths = np.array([[14, 9], [12, 14]], np.int32)
-    batch = {"input_ids": ids, "completion_start": starts, "lengths": lengths,
-             "pair_mask": np.ones(2, np.float32)}
+    batch = PaddedBatch(input_ids=ids, completion_start=starts, lengths=lengths,
+                        pair_mask=np.ones(2, np.float32))
     weights = np.array([[1.0, -0.5], [0.25, 2.0]], np.float32)  # a loss over both sides
 
     def ours(params):

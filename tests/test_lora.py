@@ -23,6 +23,7 @@ from simpo_jax import models
 from simpo_jax.models import hf
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
+from simpo_jax.data.batch import batch_shardings
 from simpo_jax.errors import UserError
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -144,8 +145,7 @@ def lora_gradients(mesh, path):
     frozen = jax.device_put(frozen, frozen_sh)
     before = jax.tree.map(np.asarray, frozen)
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-    sh = step_lib.batch_shardings(mesh)
-    batch = {k: jax.device_put(np.asarray(v), sh[k]) for k, v in make_batch().items()}
+    batch = jax.device_put(make_batch(), batch_shardings(mesh))
     state, _ = step_lib.BoundFrozen(fn, frozen)(state, batch)
     assert jax.tree.all(jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, frozen)))
     return state.opt_state

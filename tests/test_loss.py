@@ -11,6 +11,7 @@ from flax import nnx
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import step as step_lib
+from simpo_jax.data.batch import PaddedBatch
 
 
 def np_simpo(c, r, beta, gbr, loss_type, eps):
@@ -89,9 +90,9 @@ def test_empty_completion_gives_no_nan():
                                     max_position_embeddings=16, tie_word_embeddings=False))
     model.lm_head.weight[...] = jnp.zeros_like(model.lm_head.weight[...])
     graphdef, params = nnx.split(model, nnx.Param)
-    batch = {"input_ids": jnp.array([[[1, 3, 4, 2, 0, 0], [1, 3, 4, 0, 0, 0]]]),
-             "completion_start": jnp.array([[3, 3]]), "lengths": jnp.array([[4, 3]]),
-             "pair_mask": jnp.ones(1)}
+    batch = PaddedBatch(input_ids=jnp.array([[[1, 3, 4, 2, 0, 0], [1, 3, 4, 0, 0, 0]]]),
+                        completion_start=jnp.array([[3, 3]]), lengths=jnp.array([[4, 3]]),
+                        pair_mask=jnp.ones(1))
     logps, count, mean_logits, _, _ = step_lib.pair_stats(graphdef, params, batch)
     logps, count = logps[0], count[0]
     assert np.isfinite(np.asarray(logps)).all()

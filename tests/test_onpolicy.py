@@ -16,7 +16,7 @@ from configs import tiny
 from simpo_jax import cli, models
 from simpo_jax import sharding as sharding_lib
 from simpo_jax.errors import UserError
-from simpo_jax.data import formats
+from simpo_jax.data import formats, rows as data_rows
 from simpo_jax.models import generate as greedy_lib
 from simpo_jax.onpolicy import generate as generate_lib
 from simpo_jax.onpolicy import pairs as pairs_lib
@@ -346,7 +346,7 @@ def test_interrupted_generation_resumes_to_the_same_files(tmp_path, monkeypatch)
     assert folder_contents(out) == folder_contents(generate_lib.output_dir(whole))
     monkeypatch.undo()
 
-    rows = formats.read_file(os.path.join(out, "train.jsonl"))
+    rows = data_rows.read_file(os.path.join(out, "train.jsonl"))
     assert all(len(r["all_generated_responses"]) == 3 for r in rows)
     assert all(r["score_chosen"] == max(r["all_rm_scores"]) > r["score_rejected"] ==
                min(r["all_rm_scores"]) for r in rows)

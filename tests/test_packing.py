@@ -1,5 +1,6 @@
 """Packed and shared-prompt rows equal the padded layout (logps, loss, gradients); packing order."""
 
+import dataclasses
 import os
 
 import jax
@@ -10,11 +11,12 @@ from flax import nnx
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import optim
-from simpo_jax import packing
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
-from simpo_jax.data import TokenizedPairs
-from simpo_jax.data.batching import make_batch
+from simpo_jax.data import PACKED_LAYOUTS, packed as packing, packed_rows
+from simpo_jax.data.batch import batch_shardings
+from simpo_jax.data.padded import make_batch
+from simpo_jax.data.pairs import TokenizedPairs
 
 LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -72,9 +74,9 @@ def both_batches(pairs, layout, rows_multiple=1, group_rows=1, accumulation=1):
     rows = packing.pack(packing.item_lengths(pairs, layout), ROW, MAX_PAIRS,
                         np.random.default_rng(0))
     rows += [np.zeros(0, np.int64)] * (-len(rows) % (rows_multiple * group_rows * accumulation))
-    packed = packing.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=ROW,
-                               max_pairs_per_row=MAX_PAIRS,
-                               groups=packing.score_groups(len(rows), group_rows, accumulation))
+    packed = packed_rows.make_rows(pairs, rows, layout=layout, pad_id=0, row_length=ROW,
+                                   max_pairs_per_row=MAX_PAIRS, groups=packed_rows.score_groups(
+                                       len(rows), group_rows, accumulation))
     return padded, packed, packing.slot_pairs(rows, MAX_PAIRS)
 
 
@@ -109,7 +111,7 @@ def test_rows_equal_padded(config, layout):
     pairs = edge_pairs()
     graphdef, params = nnx.split(models.from_config(config, seed=1), nnx.Param)
     padded, packed, slot_pair = both_batches(pairs, layout)
-    assert packing.pair_tokens(packed) == int(padded["lengths"].sum())
+    assert packed_rows.pair_tokens(packed) == int(padded.lengths.sum())
     stats = jax.jit(step_lib.pair_stats, static_argnums=(0, 3))
     ref = [np.asarray(x) for x in stats(graphdef, params, padded, 0)]
     got = [np.asarray(x) for x in stats(graphdef, params, packed, 5)]  # chunked head on rows
@@ -145,8 +147,8 @@ def test_rows_hold_each_sequence_at_its_positions(layout, group_rows, accumulati
     pairs = edge_pairs()
     _, rows, slot_pair = both_batches(pairs, layout, group_rows=group_rows,
                                       accumulation=accumulation)
-    groups = packing.score_groups(len(rows["input_ids"]), group_rows, accumulation)
-    assert rows["score_index"].shape[0] == len(groups)
+    groups = packed_rows.score_groups(len(rows.input_ids), group_rows, accumulation)
+    assert rows.score_index.shape[0] == len(groups)
     group_of = {int(row): (j, k) for j, members in enumerate(groups)
                 for k, row in enumerate(members)}
     for s, i in enumerate(slot_pair):
@@ -157,28 +159,28 @@ def test_rows_hold_each_sequence_at_its_positions(layout, group_rows, accumulati
         prompt = list(pairs.prompt_ids[i])
         for side, completion in enumerate((pairs.chosen_ids[i], pairs.rejected_ids[i])):
             if layout == "packed":
-                seen = rows["segment_ids"][r] == 2 * slot + side + 1
+                seen = rows.segment_ids[r] == 2 * slot + side + 1
             else:
-                seen = (rows["segment_ids"][r] == slot + 1) & np.isin(rows["branch_ids"][r],
+                seen = (rows.segment_ids[r] == slot + 1) & np.isin(rows.branch_ids[r],
                                                                       (0, side + 1))
             at = np.flatnonzero(seen)
             sequence = prompt + list(completion)
-            assert rows["input_ids"][r, at].tolist() == sequence
-            assert rows["positions"][r, at].tolist() == list(range(len(sequence)))
-            mine = rows["score_slot"][j] == 2 * (k * MAX_PAIRS + slot) + side
+            assert rows.input_ids[r, at].tolist() == sequence
+            assert rows.positions[r, at].tolist() == list(range(len(sequence)))
+            mine = rows.score_slot[j] == 2 * (k * MAX_PAIRS + slot) + side
             first = max(len(prompt), 1)
-            assert rows["score_target"][j, mine].tolist() == sequence[first:]
-            assert rows["score_index"][j, mine].tolist() == (k * ROW + at[first - 1:-1]).tolist()
+            assert rows.score_target[j, mine].tolist() == sequence[first:]
+            assert rows.score_index[j, mine].tolist() == (k * ROW + at[first - 1:-1]).tolist()
 
 
 def test_score_groups_follow_the_steps_micro_batches_and_devices():
     """Group j holds the rows one device computes in micro-batch j % accumulation (the step takes
     row r into micro-batch r % accumulation, then shards rows in contiguous blocks)."""
-    groups = packing.score_groups(12, group_rows=2, accumulation_steps=3)
+    groups = packed_rows.score_groups(12, group_rows=2, accumulation_steps=3)
     assert groups.tolist() == [[0, 3], [1, 4], [2, 5], [6, 9], [7, 10], [8, 11]]
-    assert packing.score_groups(4, 1).tolist() == [[0], [1], [2], [3]]
+    assert packed_rows.score_groups(4, 1).tolist() == [[0], [1], [2], [3]]
     with pytest.raises(ValueError, match="multiple"):
-        packing.score_groups(8, group_rows=3)
+        packed_rows.score_groups(8, group_rows=3)
 
 
 def test_score_groups_cut_the_heads_padding():
@@ -187,14 +189,14 @@ def test_score_groups_cut_the_heads_padding():
     pairs = random_pairs(200, seed=5, **BENCH_LIKE)
     rows = packing.pack(packing.item_lengths(pairs, "shared_prompt"), 768, 16,
                         np.random.default_rng(0))[:8]
-    scored = sum(packing.scored_count(pairs, r) for r in rows)
-    one = packing.make_rows(pairs, rows, layout="shared_prompt", pad_id=0, row_length=768,
-                            max_pairs_per_row=16)
-    pooled = packing.make_rows(pairs, rows, layout="shared_prompt", pad_id=0, row_length=768,
-                               max_pairs_per_row=16, groups=packing.score_groups(8, 8))
-    assert pooled["score_index"].size <= scored + 8 * 768 // 64
-    assert pooled["score_index"].size < one["score_index"].size
-    assert (pooled["score_slot"] >= 0).sum() == (one["score_slot"] >= 0).sum() == scored
+    scored = sum(packed_rows.scored_count(pairs, r) for r in rows)
+    one = packed_rows.make_rows(pairs, rows, layout="shared_prompt", pad_id=0, row_length=768,
+                                max_pairs_per_row=16)
+    pooled = packed_rows.make_rows(pairs, rows, layout="shared_prompt", pad_id=0, row_length=768,
+                                   max_pairs_per_row=16, groups=packed_rows.score_groups(8, 8))
+    assert pooled.score_index.size <= scored + 8 * 768 // 64
+    assert pooled.score_index.size < one.score_index.size
+    assert (pooled.score_slot >= 0).sum() == (one.score_slot >= 0).sum() == scored
 
 
 @pytest.mark.slow
@@ -204,7 +206,7 @@ def test_sharded_train_step_equals_padded():
     pairs = random_pairs(16, seed=4)
     padded, packed, _ = both_batches(pairs, "shared_prompt", rows_multiple=4, group_rows=2,
                                      accumulation=2)
-    assert packed["input_ids"].shape[0] == 2 * packed["score_index"].shape[0] == 16
+    assert packed.input_ids.shape[0] == 2 * packed.score_index.shape[0] == 16
     tx, schedule = optim.make_optimizer(optim.OptimConfig(
         learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_ratio=0.0, warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
@@ -219,8 +221,7 @@ def test_sharded_train_step_equals_padded():
             mesh, abstract, batch_layout=layout, graphdef=graphdef, tx=tx, schedule=schedule,
             cfg=LOSS, accumulation_steps=accumulation, logits_chunk_size=8)
         state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-        sh = step_lib.batch_shardings(mesh, layout)
-        _, metrics = fn(state, {k: jax.device_put(v, sh[k]) for k, v in batch.items()})
+        _, metrics = fn(state, jax.device_put(batch, batch_shardings(mesh, layout)))
         out[layout] = {k: float(v) for k, v in metrics.items()}
     # Real tokens computed: the shared prompt once per pair instead of twice.
     prompts = sum(len(p) for p in pairs.prompt_ids)
@@ -235,7 +236,7 @@ def test_head_sees_only_scored_tokens_as_2d():
     pairs = random_pairs(12, seed=2)
     _, packed, _ = both_batches(pairs, "packed")
     graphdef, params = nnx.split(models.from_config(LLAMA, seed=1), nnx.Param)
-    r, n = packed["score_index"].shape
+    r, n = packed.score_index.shape
     assert n < ROW
     text = jax.jit(step_lib.pair_stats, static_argnums=(0, 3)).lower(
         graphdef, params, packed, 0).as_text()
@@ -257,46 +258,59 @@ def test_packing_efficiency_on_bench_lengths(layout, row_length):
     efficiency = sum(lengths[r].sum() for rows in full for r in rows) / (
         len(full) * 8 * row_length)
     assert efficiency >= 0.95, efficiency
-    batch = next(packing.train_batches(pairs, layout=layout, rows_per_process=8, seed=0, pad_id=0,
-                                       row_length=row_length, max_pairs_per_row=16))
-    assert packing.packing_efficiency(batch) >= 0.9
+    batch = next(packing.row_batches(pairs, layout=layout, rows_per_process=8, seed=0, pad_id=0,
+                                     row_length=row_length, max_pairs_per_row=16))
+    assert packed_rows.packing_efficiency(batch) >= 0.9
 
 
 def _batches(pairs, start, count, **kw):
-    it = packing.train_batches(pairs, layout="packed", rows_per_process=kw.pop("rows", 4), seed=7,
-                               pad_id=0, row_length=ROW, max_pairs_per_row=MAX_PAIRS,
-                               start_step=start, **kw)
+    it = packing.row_batches(pairs, layout="packed", rows_per_process=kw.pop("rows", 4), seed=7,
+                             pad_id=0, row_length=ROW, max_pairs_per_row=MAX_PAIRS,
+                             start_step=start, **kw)
     return [next(it) for _ in range(count)]
+
+
+def steps_per_epoch(pairs):
+    """The packed batcher's steps per epoch of 4 rows per step (one device, seed 7)."""
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
+    return packing.PackedBatcher(mesh=mesh, layout="packed", row_length=ROW, rows_per_device=4,
+                                 max_pairs_per_row=MAX_PAIRS, accumulation_steps=1, seed=7,
+                                 pairs=pairs, pad_id=0).steps_per_epoch
+
+
+def same(a, b):
+    return type(a) is type(b) and all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_order_is_deterministic_and_resumes_exactly():
     pairs = random_pairs(40, seed=3)
-    steps = packing.steps_per_epoch(pairs, layout="packed", global_rows=4, row_length=ROW,
-                                    max_pairs_per_row=MAX_PAIRS, seed=7)
+    steps = steps_per_epoch(pairs)
     full = _batches(pairs, 0, 2 * steps + 2)  # across two epoch boundaries
     again = _batches(pairs, 0, 3)
     resumed = _batches(pairs, steps - 1, steps + 3)
     for a, b in zip(full[:3], again):
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+        assert same(a, b)
     for a, b in zip(full[steps - 1:], resumed):
-        assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(full[0]["input_ids"], full[steps]["input_ids"])  # epochs differ
+        assert same(a, b)
+    assert not np.array_equal(full[0].input_ids, full[steps].input_ids)  # epochs differ
     # Two processes' rows (and score groups) are the halves of the one-process global batch.
     for group, accum in ((1, 1), (2, 1), (1, 2)):
         kw = dict(score_group_rows=group, accumulation_steps=accum)
         whole = _batches(pairs, 1, 1, **kw)[0]
         halves = [_batches(pairs, 1, 1, rows=2, process_index=i, process_count=2, **kw)[0]
                   for i in (0, 1)]
-        assert whole["score_index"].shape[0] == 4 // group
-        for k in whole:
+        assert whole.score_index.shape[0] == 4 // group
+        for k in (f.name for f in dataclasses.fields(whole)):
+            parts = [getattr(h, k) for h in halves]
             # N and M are the global step's, on every process
-            assert halves[0][k].shape[1:] == halves[1][k].shape[1:] == whole[k].shape[1:], k
-            assert np.array_equal(np.concatenate([h[k] for h in halves]), whole[k]), k
+            assert parts[0].shape[1:] == parts[1].shape[1:] == getattr(whole, k).shape[1:], k
+            assert np.array_equal(np.concatenate(parts), getattr(whole, k)), k
 
 
 def test_every_pair_once_per_epoch():
     pairs = random_pairs(53, seed=5)
-    for layout in packing.LAYOUTS:
+    for layout in PACKED_LAYOUTS:
         lengths = packing.item_lengths(pairs, layout)
         for epoch in (0, 1):
             plan = packing.epoch_plan(lengths, global_rows=4, row_length=ROW,
@@ -307,15 +321,14 @@ def test_every_pair_once_per_epoch():
             assert all(lengths[r].sum() <= ROW and len(r) <= MAX_PAIRS
                        for step in plan for r in step)
     # The batches carry every pair's tokens: the count of real pairs over one epoch's steps.
-    steps = packing.steps_per_epoch(pairs, layout="packed", global_rows=4, row_length=ROW,
-                                    max_pairs_per_row=MAX_PAIRS, seed=7)
-    assert sum(b["pair_mask"].sum() for b in _batches(pairs, 0, steps)) == pairs.num_pairs
+    steps = steps_per_epoch(pairs)
+    assert sum(b.pair_mask.sum() for b in _batches(pairs, 0, steps)) == pairs.num_pairs
 
 
 def test_row_too_short_names_the_field():
     with pytest.raises(ValueError, match="pack_row_length=16"):
-        next(packing.train_batches(random_pairs(4), layout="packed", rows_per_process=1, seed=0,
-                                   pad_id=0, row_length=16, max_pairs_per_row=4))
+        next(packing.row_batches(random_pairs(4), layout="packed", rows_per_process=1, seed=0,
+                                 pad_id=0, row_length=16, max_pairs_per_row=4))
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from simpo_jax import optim
 from simpo_jax import precision
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
+from simpo_jax.data.batch import PaddedBatch, batch_shardings
 
 MODEL = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -39,8 +40,8 @@ def make_batches(steps, num_pairs=8, t=24):
         ids = rng.integers(3, MODEL["vocab_size"], size=(num_pairs, 2, t)).astype(np.int32)
         start = rng.integers(2, 8, size=(num_pairs, 1)).repeat(2, 1).astype(np.int32)
         lengths = np.minimum(start + rng.integers(4, 16, size=(num_pairs, 2)), t).astype(np.int32)
-        out.append({"input_ids": ids, "completion_start": start, "lengths": lengths,
-                    "pair_mask": np.ones(num_pairs, np.float32)})
+        out.append(PaddedBatch(input_ids=ids, completion_start=start, lengths=lengths,
+                               pair_mask=np.ones(num_pairs, np.float32)))
     return out
 
 
@@ -58,10 +59,10 @@ def train(tx, param_dtype, master_weights="float32", offload=False, mesh_shape=(
         schedule=optim.make_schedule(OPT, STEPS), cfg=LOSS, accumulation_steps=2)
     start = jax.tree.map(lambda p: np.asarray(p, np.float32), params)
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-    sh = step_lib.batch_shardings(mesh)
+    sh = batch_shardings(mesh)
     losses = []
     for batch in make_batches(STEPS):
-        state, metrics = fn(state, {k: jax.device_put(v, sh[k]) for k, v in batch.items()})
+        state, metrics = fn(state, jax.device_put(batch, sh))
         losses.append(float(metrics["loss"]))
     opt_state = jax.device_get(state.opt_state)
     end = precision.master_value(jax.device_get(state.params), opt_state, master_weights)

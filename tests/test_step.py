@@ -13,6 +13,7 @@ from simpo_jax import models
 from simpo_jax import optim
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
+from simpo_jax.data.batch import PaddedBatch, batch_shardings
 
 TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -30,8 +31,8 @@ def make_batch(num_pairs=16, t=24, seed=0):
     start = rng.integers(2, 8, size=(num_pairs, 1)).repeat(2, 1).astype(np.int32)
     lengths = np.minimum(start + rng.integers(1, 14, size=(num_pairs, 2)), t).astype(np.int32)
     ids[np.arange(t)[None, None, :] >= lengths[..., None]] = 0
-    return {"input_ids": ids, "completion_start": start, "lengths": lengths,
-            "pair_mask": np.ones(num_pairs, np.float32)}
+    return PaddedBatch(input_ids=ids, completion_start=start, lengths=lengths,
+                       pair_mask=np.ones(num_pairs, np.float32))
 
 
 def keep_gradients() -> optax.GradientTransformation:
@@ -52,8 +53,8 @@ def step_gradients(mesh, graphdef, params, batch, cfg, accumulation_steps=1, lay
         logits_chunk_size=logits_chunk_size)
     params = jax.device_put(params, state_sh.params)
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-    sh = step_lib.batch_shardings(mesh, layout)
-    state, metrics = fn(state, {k: jax.device_put(np.asarray(v), sh[k]) for k, v in batch.items()})
+    state, metrics = fn(state, jax.device_put(jax.tree.map(np.asarray, batch),
+                                              batch_shardings(mesh, layout)))
     return jax.tree.map(np.asarray, state.opt_state), metrics
 
 
@@ -70,10 +71,10 @@ def run_step(mesh, batch, accumulation_steps=1, steps=2):
                                            schedule=schedule, cfg=LOSS,
                                            accumulation_steps=accumulation_steps)
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-    sh = step_lib.batch_shardings(mesh)
+    sh = batch_shardings(mesh)
     losses, norms = [], []
     for i in range(steps):
-        state, metrics = fn(state, {k: jax.device_put(v, sh[k]) for k, v in batch.items()})
+        state, metrics = fn(state, jax.device_put(batch, sh))
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
         assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(i)), rel=1e-6)
@@ -88,22 +89,22 @@ def edge_batch():
     pairs 9 and 10: padding (copies of pair 0, pair_mask 0).
     """
     batch = make_batch(num_pairs=16, seed=5)
-    batch["completion_start"][2:4] = 0
-    batch["lengths"][2] = [1, 6]
-    batch["lengths"][3] = [5, 7]
-    batch["lengths"][4, 1] = batch["completion_start"][4, 1]
-    for k in batch:
-        batch[k][9:11] = batch[k][0]
-    batch["pair_mask"][9:11] = 0.0
-    t = batch["input_ids"].shape[-1]
-    batch["input_ids"][np.arange(t)[None, None, :] >= batch["lengths"][..., None]] = 0
+    batch.completion_start[2:4] = 0
+    batch.lengths[2] = [1, 6]
+    batch.lengths[3] = [5, 7]
+    batch.lengths[4, 1] = batch.completion_start[4, 1]
+    for x in jax.tree.leaves(batch):
+        x[9:11] = x[0]
+    batch.pair_mask[9:11] = 0.0
+    t = batch.input_ids.shape[-1]
+    batch.input_ids[np.arange(t)[None, None, :] >= batch.lengths[..., None]] = 0
     # weights[b, k, j] = 1 where target token j + 1 is a completion token with a predictor
     weights = np.zeros((16, 2, t - 1), np.float32)
     for b in range(16):
         for k in range(2):
             for j in range(t - 1):
-                weights[b, k, j] = batch["completion_start"][b, k] <= j + 1 < batch["lengths"][b, k]
-    valid = batch["pair_mask"] * (weights[:, 0].sum(-1) > 0) * (weights[:, 1].sum(-1) > 0)
+                weights[b, k, j] = batch.completion_start[b, k] <= j + 1 < batch.lengths[b, k]
+    valid = batch.pair_mask * (weights[:, 0].sum(-1) > 0) * (weights[:, 1].sum(-1) > 0)
     assert valid.tolist() == [1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]
     return batch, weights, valid
 
@@ -111,8 +112,8 @@ def edge_batch():
 def plain_objective(graphdef, batch, weights, valid, cfg):
     """The SimPO objective written out from the model's logits: mean loss over the counted pairs
     plus sft_weight * NLL per counted chosen token."""
-    ids = jnp.asarray(batch["input_ids"]).reshape(-1, batch["input_ids"].shape[-1])
-    attention = (np.arange(ids.shape[1])[None] < batch["lengths"].reshape(-1, 1)).astype(np.int32)
+    ids = jnp.asarray(batch.input_ids).reshape(-1, batch.input_ids.shape[-1])
+    attention = (np.arange(ids.shape[1])[None] < batch.lengths.reshape(-1, 1)).astype(np.int32)
 
     def fn(params):
         logits = nnx.merge(graphdef, params)(ids, jnp.asarray(attention))[:, :-1]
@@ -198,8 +199,8 @@ def test_accumulation_on_sharded_mesh():
 @pytest.mark.slow
 def test_padding_pairs_do_not_change_the_update():
     batch = make_batch(num_pairs=8)
-    padded = {k: np.concatenate([v, v[:8]]) for k, v in batch.items()}
-    padded["pair_mask"][8:] = 0.0
+    padded = jax.tree.map(lambda v: np.concatenate([v, v[:8]]), batch)
+    padded.pair_mask[8:] = 0.0
     mesh1 = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
     a = run_step(mesh1, batch, steps=1)
     b = run_step(mesh1, padded, steps=1)
@@ -213,7 +214,7 @@ def test_padding_pairs_do_not_change_the_update():
 def test_chunked_lm_head_equals_full_logits(chunk):
     model = models.from_config(TINY, seed=1)
     graphdef, params = nnx.split(model, nnx.Param)
-    batch = {k: jnp.asarray(v) for k, v in make_batch(num_pairs=4).items()}
+    batch = jax.tree.map(jnp.asarray, make_batch(num_pairs=4))
 
     def objective(p, c):
         sums, nll, _ = step_lib.pair_forward(graphdef, p, batch, LOSS, logits_chunk_size=c)
@@ -240,8 +241,7 @@ def test_bf16_compute_over_float32_master_params():
     fn, state_sh = step_lib.jit_train_step(mesh, abstract, graphdef=graphdef, tx=tx,
                                            schedule=schedule, cfg=LOSS, accumulation_steps=1)
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-    sh = step_lib.batch_shardings(mesh)
-    batch = {k: jax.device_put(v, sh[k]) for k, v in make_batch().items()}
+    batch = jax.device_put(make_batch(), batch_shardings(mesh))
     state, metrics = fn(state, batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     # bf16 compute changes the numbers a little, not the result: close to the float32 update.

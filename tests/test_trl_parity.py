@@ -20,6 +20,7 @@ from trl.experimental import cpo
 from simpo_jax import loss as loss_lib
 from simpo_jax import models
 from simpo_jax import sharding as sharding_lib
+from simpo_jax.data.batch import PaddedBatch
 from test_step import step_gradients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,13 +81,13 @@ def trl_batch_to_ours(batch, padding_at=()):
         lengths.append(batch[f"{side}_attention_mask"].sum(1))
     t = max(s.shape[1] for s in seqs)
     seqs = [np.pad(s, ((0, 0), (0, t - s.shape[1]))) for s in seqs]
-    out = {"input_ids": np.stack(seqs, 1).astype(np.int32),
-           "completion_start": np.stack(starts, 1).astype(np.int32),
-           "lengths": np.stack(lengths, 1).astype(np.int32),
-           "pair_mask": np.ones(len(seqs[0]), np.float32)}
+    out = PaddedBatch(input_ids=np.stack(seqs, 1).astype(np.int32),
+                      completion_start=np.stack(starts, 1).astype(np.int32),
+                      lengths=np.stack(lengths, 1).astype(np.int32),
+                      pair_mask=np.ones(len(seqs[0]), np.float32))
     for i in padding_at:
-        out = {k: np.insert(v, i, v[0], axis=0) for k, v in out.items()}
-        out["pair_mask"][i] = 0.0
+        out = jax.tree.map(lambda v: np.insert(v, i, v[0], axis=0), out)
+        out.pair_mask[i] = 0.0
     return out
 
 
@@ -101,7 +102,7 @@ def test_train_step_matches_trl_cpo_simpo(hf_model_dir, tmp_path, beta, gbr, eps
     trl_loss, trl_metrics, trl_grads, batch = trl_loss_and_grads(
         tok, path, tmp_path, beta=beta, gbr=gbr, eps=eps, sft_weight=sft_weight)
     ours = trl_batch_to_ours(batch, PADDING_AT)
-    assert ours["input_ids"].shape[0] == len(PAIRS) + len(PADDING_AT) == 8
+    assert ours.input_ids.shape[0] == len(PAIRS) + len(PADDING_AT) == 8
 
     graphdef, params = nnx.split(models.from_pretrained(str(path)), nnx.Param)
     cfg = loss_lib.LossConfig(beta=beta, gamma_beta_ratio=gbr, label_smoothing=eps,

@@ -1,7 +1,63 @@
-"""Chat template -> prompt and completion token ids, with exactly one BOS, a final EOS, truncation."""
+"""The tokenizer and its chat template -> prompt and completion token ids, with exactly one BOS, a
+final EOS, truncation; also the prompt ids of on-policy generation."""
 
 import dataclasses
 import json
+
+from simpo_jax import paths
+from simpo_jax.config.choices import AssistantHeaderIn, TruncationMode
+from simpo_jax.errors import UserError
+
+TRUNCATION_MODES = TruncationMode.values()  # config.truncation_mode: which end of a prompt stays
+ASSISTANT_HEADER_IN = AssistantHeaderIn.values()  # config.assistant_header_in
+
+
+def load_tokenizer(data_config):
+    """The tokenizer from a local folder (resolved like dataset paths); never runs remote code."""
+    from transformers import AutoTokenizer
+    path = paths.resolve_local(data_config.tokenizer_name_or_path) or \
+        data_config.tokenizer_name_or_path
+    if not path:
+        raise UserError("tokenizer_name_or_path and model_name_or_path are both empty; set one "
+                        "to a local Hugging Face tokenizer folder.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise UserError(f"tokenizer_name_or_path={data_config.tokenizer_name_or_path!r}: no "
+                        f"tokenizer loads from {path} ({type(e).__name__}: {first}). Give a folder "
+                        "holding tokenizer.json (or tokenizer.model) and tokenizer_config.json."
+                        ) from e
+    if data_config.chat_template:
+        tokenizer.chat_template = chat_template_text(data_config.chat_template)
+    return tokenizer
+
+
+# alignment-handbook's DEFAULT_CHAT_TEMPLATE (src/alignment/data.py), used by the original SimPO
+# scripts when a tokenizer has none.
+ALIGNMENT_HANDBOOK_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + "
+    "message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' "
+    "+ message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ "
+    "'<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and "
+    "add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def chat_template_text(value: str) -> str:
+    """config.chat_template -> Jinja text: a named template, a .jinja file, or the text itself."""
+    if value == "alignment_handbook":
+        return ALIGNMENT_HANDBOOK_TEMPLATE
+    if value.endswith(".jinja"):
+        path = paths.resolve_local(value)
+        if path is None:
+            raise UserError(f"chat_template={value!r}: no such file; give a .jinja file, "
+                            "Jinja text, or 'alignment_handbook'.")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise UserError(f"chat_template={value!r} is neither Jinja text, a .jinja file nor "
+                        "'alignment_handbook'.")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +76,7 @@ def tokenize_pair(record: dict, tokenizer, settings: TokenizeSettings) -> dict:
     if record["chat"]:
         prompt, chosen, rejected, merged = _chat_ids(record, tokenizer, settings)
     else:  # pre-formatted text: the prompt gets the BOS, completions only an EOS
-        prompt = _one_bos(_encode(tokenizer, record["prompt"]), tokenizer.bos_token_id)
+        prompt = one_bos(_encode(tokenizer, record["prompt"]), tokenizer.bos_token_id)
         chosen = _encode(tokenizer, record["chosen"])
         rejected = _encode(tokenizer, record["rejected"])
         merged = False
@@ -46,10 +102,22 @@ def truncate_prompt(ids: list, max_prompt_length: int, mode: str, bos_id) -> lis
     if mode == "keep_start":
         return ids[:max_prompt_length]
     if mode != "keep_end":
-        raise ValueError(f"truncation_mode={mode!r}; valid: keep_end, keep_start.")
+        raise ValueError(f"truncation_mode={mode!r}; valid: {', '.join(TRUNCATION_MODES)}.")
     if bos_id is not None and ids and ids[0] == bos_id and max_prompt_length > 1:
         return ids[:1] + ids[len(ids) - (max_prompt_length - 1):]
     return ids[len(ids) - max_prompt_length:]
+
+
+def prompt_token_ids(tokenizer, messages: list, max_prompt_length: int, truncation_mode: str):
+    """(ids of the chat template with the generation prompt, one leading BOS; truncated?)."""
+    if not tokenizer.chat_template:
+        raise UserError("The policy's tokenizer has no chat template: set config.chat_template "
+                        "(e.g. 'alignment_handbook' or a .jinja file).")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = one_bos(_encode(tokenizer, text), tokenizer.bos_token_id)
+    truncated = len(ids) > max_prompt_length
+    ids = truncate_prompt(ids, max_prompt_length, truncation_mode, tokenizer.bos_token_id)
+    return ids, truncated
 
 
 def _chat_ids(record: dict, tokenizer, settings: TokenizeSettings):
@@ -60,7 +128,7 @@ def _chat_ids(record: dict, tokenizer, settings: TokenizeSettings):
     """
     messages = json.loads(record["prompt"])
     bos = tokenizer.bos_token_id
-    render = lambda msgs, gen: _one_bos(_encode(tokenizer, tokenizer.apply_chat_template(
+    render = lambda msgs, gen: one_bos(_encode(tokenizer, tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=gen)), bos)
     prompt = render(messages, True)
     full_chosen = render(messages + [{"role": "assistant", "content": record["chosen"]}], False)
@@ -77,7 +145,7 @@ def _encode(tokenizer, text: str) -> list:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _one_bos(ids: list, bos_id) -> list:
+def one_bos(ids: list, bos_id) -> list:
     """Exactly one leading BOS, whether the template, the tokenizer, both or neither added it."""
     if bos_id is None:
         return ids

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from simpo_jax.config.choices import AttentionImplementation
+from simpo_jax.attention_tiles import SPARSE_BLOCK
 
 # Added to masked attention logits: finite, so fully masked (padding) rows give a uniform
 # softmax instead of NaN.
@@ -227,7 +228,6 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float 
     return jnp.concatenate(outs, axis=1)
 
 
-SPARSE_BLOCK = 64  # tokens per query / key block of block_sparse_attention
 # The tiles run when they are at most this fraction of the causal triangle's tiles; above it the
 # causal query blocks are faster, their larger matmuls running about 3x the FLOP rate of 64 x 64
 # tiles on XLA CPU (measured: rows of 768 tokens holding ~2.5 pairs list 50% of the triangle and
@@ -247,7 +247,7 @@ def block_sparse_attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT, blocks_BM2, *, scal
 
     Packed rows see only their own segment (and a shared prompt), so most of the causal triangle
     is masked; blocks_BM2 [B, M, 2] lists the M block pairs of SPARSE_BLOCK tokens that hold a
-    visible key (packing.block_pairs; -1 pads). Keys outside them are masked anyway, so the
+    visible key (data/packed_rows.block_pairs; -1 pads). Keys outside them are masked anyway, so the
     result equals the dense masked softmax. Each pair's scores are one [b x b] tile; the softmax
     runs across the tiles of a query block, whose maxima and sums are gathered and summed by
     one-hot matmuls (exact: weights 0 and 1 at HIGHEST precision), which XLA runs far faster than

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from simpo_jax import build as build_lib
-from simpo_jax import data as data_lib
+from simpo_jax.data import formats, rows as data_rows, tokenize
+from simpo_jax.data.pairs import DataConfig
 from simpo_jax.hub import download
 from simpo_jax import sharding as sharding_lib
 from simpo_jax.errors import UserError
 from simpo_jax.paths import RunDir
 from simpo_jax.onpolicy import pairs as pairs_lib
-from simpo_jax.onpolicy import prompts as prompts_lib
 from simpo_jax.onpolicy import reward, sampling
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,9 @@ def policy_source(config, *, checkpoint: bool = True) -> str:
 def load_tokenizer(config):
     """(tokenizer, model folder or "") of the policy, without its weights."""
     model_path, tokenizer_path = build_lib.pretrained_paths(config)
-    data_config = dataclasses.replace(data_lib.DataConfig.from_config(config),
+    data_config = dataclasses.replace(DataConfig.from_config(config),
                                       tokenizer_name_or_path=tokenizer_path)
-    return data_lib.load_tokenizer(data_config), model_path
+    return tokenize.load_tokenizer(data_config), model_path
 
 
 def load_policy(config, *, checkpoint: bool = True):
@@ -152,7 +152,7 @@ def sample_answers(config, model, tokenizer, mesh, stops, prompt_ids: list, seed
 
 def _manifest(config, source: str, prompts: list) -> dict:
     return {"policy": source, "num_prompts": len(prompts),
-            "prompts": prompts_lib.prompt_id([p["prompt_id"] for p in prompts]),
+            "prompts": formats.prompt_id([p["prompt_id"] for p in prompts]),
             "generation_num_samples": config.generation_num_samples,
             "generation_seeds": [int(s) for s in config.generation_seeds],
             "generation_temperature": float(config.generation_temperature),
@@ -197,8 +197,8 @@ def sample_shards(config, model, tokenizer, mesh, stops, prompts: list, source: 
             os.remove(stale)  # a write cut short by the interruption; its shard is redone
     tokenized = []
     for p in prompts:
-        ids, truncated = prompts_lib.token_ids(tokenizer, p["messages"], config.max_prompt_length,
-                                               config.truncation_mode)
+        ids, truncated = tokenize.prompt_token_ids(tokenizer, p["messages"],
+                                                   config.max_prompt_length, config.truncation_mode)
         tokenized.append((p, ids, truncated))
     tokenized.sort(key=lambda x: (len(x[1]), x[0]["prompt_id"]))  # grouped by length
     size = config.generation_shard_prompts
@@ -231,7 +231,7 @@ def sample_shards(config, model, tokenizer, mesh, stops, prompts: list, source: 
 
 def read_shards(out_dir: str, kind: str) -> list[list[dict]]:
     paths = sorted(glob.glob(os.path.join(out_dir, "shards", f"{kind}-*.jsonl")))
-    return [data_lib.formats.read_file(p) for p in paths]
+    return [data_rows.read_file(p) for p in paths]
 
 
 # --- Scoring and pairs -----------------------------------------------------------------------
@@ -341,7 +341,7 @@ def generate(config) -> dict:
     """--mode=generate: sample (resumable), then score and pair when a reward model is set."""
     if config.reward_model_name_or_path:
         check_reward_model(config)
-    prompts = prompts_lib.load(config, "train")
+    prompts = data_rows.load_prompts(config, "train")
     if not prompts:
         raise UserError(f"No prompts in the training split of dataset_mixer "
                         f"{dict(config.dataset_mixer)}: rows need a prompt, instruction, or "

@@ -21,7 +21,7 @@ from simpo_jax.errors import UserError
 from simpo_jax.paths import RunDir
 from simpo_jax.onpolicy import generate as generate_lib
 from simpo_jax.onpolicy import pairs as pairs_lib
-from simpo_jax.onpolicy import prompts as prompts_lib
+from simpo_jax.data import rows, tokenize
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
 
@@ -41,8 +41,8 @@ def win_rate(policy_scores, baseline_scores) -> dict:
 def _answers(config, prompts, *, checkpoint: bool):
     """(answers, source, tokenizer, mesh) of the policy (checkpoint) or the base model."""
     model, tokenizer, mesh, source, stops = generate_lib.load_policy(config, checkpoint=checkpoint)
-    ids = [prompts_lib.token_ids(tokenizer, p["messages"], config.max_prompt_length,
-                                 config.truncation_mode)[0] for p in prompts]
+    ids = [tokenize.prompt_token_ids(tokenizer, p["messages"], config.max_prompt_length,
+                                     config.truncation_mode)[0] for p in prompts]
     seed = int(config.generation_seeds[0])
     new = generate_lib.sample_answers(config, model, tokenizer, mesh, stops, ids,
                                       [seed] * len(ids),
@@ -83,7 +83,7 @@ def rm_eval(config) -> dict:
         raise UserError(f"--mode=rm_eval: no checkpoint in {config.output_dir}/checkpoints to "
                         "judge; train first, or set config.resume_from to a checkpoint step folder.")
     generate_lib.check_reward_model(config)
-    prompts = prompts_lib.load(config, "test")
+    prompts = rows.load_prompts(config, "test")
     if config.rm_eval_num_prompts:
         prompts = prompts[:config.rm_eval_num_prompts]
     if not prompts:
