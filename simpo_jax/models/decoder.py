@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from simpo_jax.models import layers as L
+import simpo_jax.models.layers as L  # not via the package, which imports this file
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
 NORM_LAYOUTS = ("pre", "sandwich", "post")
