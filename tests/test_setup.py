@@ -1,8 +1,5 @@
 """The planner compiles what a run compiles: the train step lowered both ways is the same program."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -11,24 +8,7 @@ from simpo_jax import build as build_lib
 from simpo_jax import plan as plan_lib
 from simpo_jax import setup
 from simpo_jax import sharding as sharding_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(output_dir, **overrides):
-    """configs/tiny.py (the shipped tiny SFT model and preference pairs), 20 steps."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from configs import tiny
-
-    c = tiny.get_config()
-    c.output_dir = str(output_dir)
-    c.per_device_train_batch_size = 2
-    c.max_steps = 20  # the schedule's length: the same constants in both programs
-    c.gradient_accumulation_steps = 2
-    for k, v in overrides.items():
-        setattr(c, k, v)
-    return c
+from test_checkpoint import tiny_config  # configs/tiny.py, 20 steps: the schedule's length
 
 
 def planned_and_run(c) -> tuple[str, str]:
@@ -53,7 +33,8 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_planner_lowers_the_train_step_a_run_lowers(tmp_path, name):
-    c = tiny_config(tmp_path, gradient_checkpointing=True, remat_policy="dots", **LAYOUTS[name])
+    c = tiny_config(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True,
+                    remat_policy="dots", **LAYOUTS[name])
     planned, ran = planned_and_run(c)
     assert "stablehlo" in planned and len(planned) > 10_000
     assert planned == ran
@@ -61,7 +42,8 @@ def test_planner_lowers_the_train_step_a_run_lowers(tmp_path, name):
 
 def test_the_comparison_sees_a_planner_that_plans_something_else(tmp_path):
     # The negative control: one remat policy apart, the programs differ.
-    c = tiny_config(tmp_path, gradient_checkpointing=True, remat_policy="dots")
+    c = tiny_config(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True,
+                    remat_policy="dots")
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(c), jax.devices())
     batch, _, _ = plan_lib.abstract_batch(c, mesh)
     texts = []

@@ -21,7 +21,6 @@ import os
 import time
 
 import jax
-from flax import nnx
 
 from simpo_jax import build as build_lib
 from simpo_jax import data as data_lib
@@ -104,8 +103,7 @@ def load_policy(config, *, checkpoint: bool = True):
     # The base model as it was before training: no adapters.
     model = setup.load_model(config, hf_config, mesh, model_path, weights=True, lora=False)
     stops = stop_token_ids(tokenizer, model_path)
-    return (nnx.merge(model.graphdef, model.params), tokenizer, mesh,
-            policy_source(config, checkpoint=False), stops)
+    return model.module(), tokenizer, mesh, policy_source(config, checkpoint=False), stops
 
 
 def sample_answers(config, model, tokenizer, mesh, stops, prompt_ids: list, seeds: list,
