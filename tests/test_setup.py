@@ -31,7 +31,8 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "lora" else n
+                                  for n in sorted(LAYOUTS)])  # LoRA's build: about 25 s
 def test_planner_lowers_the_train_step_a_run_lowers(tmp_path, name):
     c = tiny_config(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True,
                     remat_policy="dots", **LAYOUTS[name])
