@@ -14,7 +14,6 @@ the compiler, which states the temporaries it needed: those rows read "compiled 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -23,60 +22,22 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax import flops
-from simpo_jax import lora as lora_lib
-from simpo_jax import loss as loss_lib
-from simpo_jax import models
-from simpo_jax import optim
-from simpo_jax.plan_report import GIB, _gib, format_row, format_table
-from simpo_jax.plan_search import candidates, overrides, setting_of, with_setting
-from simpo_jax import precision
+from simpo_jax import paths
+from simpo_jax import setup
 from simpo_jax import sharding as sharding_lib
-from simpo_jax import step as step_lib
 from simpo_jax.data.batcher import make_batcher
 from simpo_jax.errors import UserError
-from simpo_jax import paths
+from simpo_jax.plan_report import GIB, format_row, format_table, next_steps
+from simpo_jax.plan_search import candidates, overrides, setting_of, with_setting
+from simpo_jax.plan_targets import (TARGETS, Target, capacity_per_device, target_devices,
+                                    uses_tpu_compiler)
 
 
 ASSETS = os.path.join(paths.ASSETS, "model_configs")
 
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    platform: str  # "tpu" (real AOT compile) or "gpu" (estimate on simulated CPU devices)
-    topology: str  # libtpu topology name; "" for GPU
-    chip_gib: float  # memory per chip
-    num_chips: int
-    proxy: str = ""  # GPU targets: the libtpu topology whose first num_chips chips stand in
-    first_chips: int = 0  # > 0: compile for the topology's first chips only (one v5e chip)
-
-
-TARGETS = {
-    "tpu-v5e-8": Target("tpu", "v5e:2x4", 16, 8),
-    "tpu-v5p-8": Target("tpu", "v5p:2x2x1", 95, 4),  # v5p-N counts TensorCores: 4 chips
-    "tpu-v5p-32": Target("tpu", "v5p:2x2x4", 95, 16),  # 70B-class models
-    "tpu-v5p-64": Target("tpu", "v5p:2x4x4", 95, 32),
-    "tpu-v4-32": Target("tpu", "v4:2x2x4", 32, 16),  # 16 chips; libtpu exposes 2 cores per chip
-    "tpu-v6e-8": Target("tpu", "v6e:2x4", 32, 8),
-    # GPU targets are estimates: by default the TPU compiler for v5p chips (95 GiB each, so the
-    # compiler accepts what an 80 GB GPU could hold and reports its real buffers), else
-    # (plan_gpu_compiler="cpu") simulated CPU devices next to an analytic count.
-    "gpu-h100x8": Target("gpu", "", 80, 8, proxy="v5p:2x2x2"),
-    "gpu-h100x1": Target("gpu", "", 80, 1, proxy="v5p:2x2x1"),
-    "gpu-a100x1": Target("gpu", "", 40, 1, proxy="v5p:2x2x1"),
-    "tpu-v5e-1": Target("tpu", "v5e:2x2", 16, 1, first_chips=1),  # one 16 GiB chip (Colab-sized)
-}
-
-# Words of libtpu's refusal when another process holds its lockfile: the ABORTED message ("...
-# when accessing libtpu multi-process lockfile. Run "$ sudo rm /tmp/libtpu_lockfile".") or, from
-# other libtpu versions, "The TPU is already in use by process with pid ...".
-LIBTPU_LOCKED = ("libtpu_lockfile", "multi-process lockfile", "TPU is already in use")
-LIBTPU_LOCKED_MESSAGE = (
-    "--mode=plan: another process holds libtpu's lockfile (/tmp/libtpu_lockfile; any JAX process "
-    "on a host with libtpu installed takes it, even a CPU run without JAX_PLATFORMS=cpu): rerun "
-    "with ALLOW_MULTIPLE_LIBTPU_LOAD=1 (the plan only compiles, it never runs on TPU chips).")
 
 def hf_config_of(config) -> dict:
     """config.json of the model: a local folder's, a Hub name's shipped copy, or model_init."""
@@ -96,44 +57,6 @@ def hf_config_of(config) -> dict:
             f"{shipped}; point it at a local folder, or use one of "
             f"{sorted(f[:-5].replace('__', '/') for f in os.listdir(ASSETS))}.")
     return config.model_init.to_dict()
-
-
-def uses_tpu_compiler(target: Target, config) -> bool:
-    """TPU targets, and GPU targets estimated by the TPU compiler (plan_gpu_compiler="tpu")."""
-    if target.platform == "tpu":
-        return True
-    import importlib.util
-
-    return config.plan_gpu_compiler == "tpu" and importlib.util.find_spec("libtpu") is not None
-
-
-def _tpu_devices(topology_name: str) -> list:
-    from jax.experimental import topologies
-
-    try:
-        topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
-    except Exception as e:  # jax.errors.JaxRuntimeError from libtpu's start
-        if any(word in str(e) for word in LIBTPU_LOCKED):
-            raise UserError(LIBTPU_LOCKED_MESSAGE) from None
-        raise
-    return list(topology.devices)
-
-
-def target_devices(target: Target, tpu_compiler: bool = True) -> list:
-    """Devices to compile for: the TPU topology's (no chips needed; a GPU target's stand-in
-    chips when tpu_compiler) or num_chips CPU devices."""
-    if target.platform == "tpu":
-        devices = _tpu_devices(target.topology)
-        return devices[:target.first_chips] if target.first_chips else devices
-    if tpu_compiler:
-        return _tpu_devices(target.proxy)[:target.num_chips]
-    cpus = jax.devices("cpu")
-    if len(cpus) < target.num_chips:
-        raise RuntimeError(
-            f"The {target.num_chips}-GPU estimate compiles for {target.num_chips} CPU devices but "
-            f"only {len(cpus)} exist: start Python with XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={target.num_chips} (before jax is imported).")
-    return cpus[:target.num_chips]
 
 
 def _sharded_bytes(tree, shardings) -> int:
@@ -166,6 +89,22 @@ def activation_estimate(arch, *, pairs: int, length: int, remat: str, dtype_byte
     return arch.num_layers * saved + full_layer + logits
 
 
+# The schedule's length when config.max_steps does not give one: the planner reads no data, and
+# the length moves neither memory nor FLOPs (only the schedule's constants).
+PLAN_TOTAL_STEPS = 1000
+
+
+def abstract_step(config, hf_config: dict, mesh) -> tuple[setup.Model, setup.Steps, object]:
+    """(model, steps, state) of the run's own setup with no weights: the state abstract, with its
+    shardings, ready to lower steps.train_step against abstract_batch()."""
+    model = setup.load_model(config, hf_config, mesh, "", weights=False)
+    total_steps = config.max_steps if config.max_steps > 0 else PLAN_TOTAL_STEPS
+    steps = setup.make_steps(config, mesh, model, total_steps=total_steps,
+                             batch_layout=config.batch_layout)
+    state = ckpt_lib.abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+    return model, steps, state
+
+
 def compile_step(config, hf_config: dict, devices):
     """Lowers and compiles the train step the config would run, on abstract inputs.
 
@@ -173,72 +112,48 @@ def compile_step(config, hf_config: dict, devices):
     the configured mesh: the per-device figures.
     """
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config), devices)
-    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
-    remat = config.remat_policy if config.gradient_checkpointing else "none"
-    master = precision.param_dtype(config.master_weights)
-
-    def build_model():
-        # A LoRA base is frozen in the compute dtype (as build.load_params holds it).
-        model = models.from_config(hf_config, dtype=dtype,
-                                   param_dtype=dtype if config.lora_rank else master,
-                                   remat_policy=remat, attention=config.attention_implementation)
-        if config.lora_rank:
-            lora_lib.add_adapters(model, lora_lib.LoraConfig.from_config(config),
-                                  param_dtype=master)
-            if config.lora_base_quantization == "int8":
-                lora_lib.quantize_base(model, config.lora_target_modules)
-        return model
-
-    model = nnx.eval_shape(build_model)
-    frozen = frozen_sh = None
-    if config.lora_rank:
-        graphdef, params, frozen = lora_lib.split(model)
-        frozen_sh = sharding_lib.param_shardings(mesh, frozen)
-    else:
-        graphdef, params = nnx.split(model, nnx.Param)
-    tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(config), total_steps=1000)
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
-    train_step, state_sh = step_lib.jit_train_step(
-        mesh, abstract_state, batch_layout=config.batch_layout,
-        offload_optimizer_state=config.offload_optimizer_state, graphdef=graphdef, tx=tx,
-        schedule=schedule, cfg=loss_lib.LossConfig.from_config(config),
-        accumulation_steps=config.gradient_accumulation_steps,
-        logits_chunk_size=config.logits_chunk_size, frozen_shardings=frozen_sh)
+    model, steps, state = abstract_step(config, hf_config, mesh)
     batch, pairs, tokens = make_batcher(config, mesh).abstract_batch()
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         abstract_state, state_sh)
-    params_b = _sharded_bytes(abstract_state.params, state_sh.params)
-    frozen_b = 0
-    if frozen is not None:
-        frozen_b = _sharded_bytes(frozen, frozen_sh)
-        frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              frozen, frozen_sh)
-    opt_b = _sharded_bytes(abstract_state.opt_state, state_sh.opt_state)
+    result = figures(config, mesh, model, steps, batch, pairs, tokens)
+    return compiled_figures(steps.train_step.lower(state, batch), result)
+
+
+def figures(config, mesh, model: setup.Model, steps: setup.Steps, batch: dict, pairs: int,
+            tokens: int) -> dict:
+    """What the plan knows before compiling: sharded bytes, FLOPs, the analytic activations."""
+    spec = setup.ModelSpec.from_config(config)
+    state_sh = steps.state_shardings
+    params_b = _sharded_bytes(steps.abstract_state.params, state_sh.params)
+    frozen_b = 0 if model.frozen is None else _sharded_bytes(model.frozen, steps.frozen_shardings)
+    opt_b = _sharded_bytes(steps.abstract_state.opt_state, state_sh.opt_state)
     host_b = opt_b if config.offload_optimizer_state else 0
-    arch = model.arch
+    arch = model.module().arch
     t = config.max_length if config.batch_layout == "padded" else batch.input_ids.shape[1]
     per_device_rows = batch.input_ids.shape[0] // (sharding_lib.data_parallel_size(mesh)
-                                                   * config.gradient_accumulation_steps)
-    result = {
+                                                      * config.gradient_accumulation_steps)
+    return {
         "setting": setting_of(config), "batch_layout": config.batch_layout,
-        "remat_policy": remat, "mesh": dict(mesh.shape),
+        "remat_policy": spec.remat_policy, "mesh": dict(mesh.shape),
         "logits_chunk_size": config.logits_chunk_size,
-        "num_devices": len(devices), "global_batch_pairs": pairs,
+        "num_devices": mesh.devices.size, "global_batch_pairs": pairs,
         "micro_batch_pairs_per_device": config.per_device_train_batch_size,
         "accumulation_steps": config.gradient_accumulation_steps, "max_length": config.max_length,
         "row_length": t, "rows_per_device": per_device_rows,
-        "num_params": sum(x.size for x in jax.tree.leaves(params)),
+        "num_params": sum(x.size for x in jax.tree.leaves(model.params)),
         "params_bytes": params_b, "opt_state_bytes": opt_b - host_b, "host_bytes": host_b,
         "frozen_bytes": frozen_b,  # LoRA: the frozen base (params_bytes: the adapters)
         "batch_bytes": _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch)),
         "model_flops_per_step": flops.model_flops(arch, tokens, t),  # PaLM convention
         "activation_estimate_bytes": activation_estimate(
             arch, pairs=per_device_rows if config.batch_layout == "padded" else per_device_rows / 2,
-            length=t, remat=remat, dtype_bytes=jnp.dtype(dtype).itemsize,
+            length=t, remat=spec.remat_policy, dtype_bytes=jnp.dtype(spec.dtype).itemsize,
             tensor=mesh.shape["tensor"], logits_chunk_size=config.logits_chunk_size),
     }
-    lowered = (train_step.lower(state, batch) if frozen is None
-               else train_step.lower(state, batch, frozen))
+
+
+def compiled_figures(lowered, result: dict) -> dict:
+    """Adds the compiler's memory analysis and FLOPs (or, refused, the temporaries it needed)."""
+    fixed = result["params_bytes"] + result["frozen_bytes"] + result["opt_state_bytes"]
     start = time.time()
     try:
         compiled = lowered.compile()
@@ -249,8 +164,7 @@ def compile_step(config, hf_config: dict, devices):
             raise
         temp = float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
         result.update(compile_seconds=round(time.time() - start, 1), out_of_memory=True,
-                      temp_bytes=int(temp),
-                      total_bytes=int(params_b + frozen_b + opt_b - host_b + temp),
+                      temp_bytes=int(temp), total_bytes=int(fixed + temp),
                       xla_flops_per_device=None, compile_error=str(e).splitlines()[0][:300])
         return result
     mem = compiled.memory_analysis()
@@ -293,12 +207,6 @@ def verdict(result: dict, target: Target, capacity_bytes: int) -> dict:
     result["needed_bytes"] = needed
     result["fits"] = bool(needed <= capacity_bytes and not result["out_of_memory"])
     return result
-
-
-def capacity_per_device(target: Target, devices) -> int:
-    """Chip memory split over the devices a chip exposes (v4: two TensorCores per chip)."""
-    per_chip = max(1, len(devices) // target.num_chips)
-    return int(target.chip_gib * GIB / per_chip)
 
 
 def plan(config) -> dict:
@@ -362,48 +270,6 @@ def plan(config) -> dict:
     return out
 
 
-def next_steps(config, out: dict) -> list[str]:
-    """What to try when no configuration tried fits, cheapest first."""
-    if not any("needed_bytes" in r for r in out["tried"]):
-        return ["no configuration compiled: the compiler's errors are above (and in plan.json); "
-                "memory settings cannot help until one compiles."]
-    steps = []
-    if not config.plan_search:
-        steps.append("--config.plan_search=True: also tries, one after another, full remat, "
-                     "logits chunks of 256, bfloat16 moments, bfloat16 masters (kahan, then "
-                     "stochastic), the optimizer state in host memory, smaller micro-batches with "
-                     "more accumulation and a tensor axis of 2 (the effective batch kept), "
-                     "stopping at the first that fits and printing its overrides.")
-    if not config.gradient_checkpointing:
-        steps.append("--config.gradient_checkpointing=True (remat_policy full): keeps one "
-                     "activation per layer instead of every intermediate.")
-    if not config.logits_chunk_size:
-        steps.append("--config.logits_chunk_size=256: the LM head and log-softmax in chunks, never "
-                     "the full [tokens, vocab] float32 logits.")
-    if config.per_device_train_batch_size > 1 and not config.plan_search:
-        smaller = config.per_device_train_batch_size // 2
-        steps.append(
-            f"--config.per_device_train_batch_size={smaller} "
-            f"--config.gradient_accumulation_steps={config.gradient_accumulation_steps * 2}: "
-            "half the activations per micro-batch, the same effective batch.")
-    current = TARGETS[out["target"]]
-    bigger = sorted((t.chip_gib * t.num_chips, name) for name, t in TARGETS.items()
-                    if t.chip_gib * t.num_chips > current.chip_gib * current.num_chips)
-    if bigger:
-        listed = ", ".join(f"{name} ({TARGETS[name].num_chips} x {TARGETS[name].chip_gib:g} GiB)"
-                           for _, name in bigger[:3])
-        steps.append(f"a bigger target (--config.plan_target=...): {listed}; this one has "
-                     f"{current.num_chips} x {current.chip_gib:g} GiB.")
-    needed = [r["needed_bytes"] for r in out["tried"] if "needed_bytes" in r]
-    if needed:
-        steps.append(f"the smallest configuration tried needs {_gib(min(needed))} GiB per device "
-                     f"of {_gib(out['capacity_bytes'])}. Float32 masters with AdamW are 12 bytes "
-                     "per parameter before gradients; the search also tries "
-                     "bfloat16 moments, bfloat16 masters (kahan, stochastic) and the optimizer "
-                     "state in host memory (docs/memory_plans.md).")
-    return steps
-
-
 def _plan_in_subprocess(config, num_devices: int) -> dict:
     """The GPU estimate in a fresh Python whose XLA_FLAGS give it `num_devices` CPU devices."""
     import subprocess
@@ -412,8 +278,8 @@ def _plan_in_subprocess(config, num_devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={num_devices}").strip()
-    root = os.path.dirname(os.path.dirname(ASSETS))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (paths.REPO_ROOT, env.get("PYTHONPATH", ""))
+                                        if p)
     subprocess.run([sys.executable, "-m", "simpo_jax.plan"], input=config.to_json(), text=True,
                    env=env, check=True)
     with open(os.path.join(config.output_dir, "plan.json")) as f:

@@ -11,6 +11,7 @@ import pytest
 
 from configs import base
 from simpo_jax import plan as plan_lib
+from simpo_jax import plan_report, plan_targets
 from simpo_jax import sharding as sharding_lib
 
 TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
@@ -88,13 +89,13 @@ def test_a_plan_that_does_not_fit_ends_with_what_to_try(cpu_plan, tmp_path, monk
     # Already searched, remat and chunked: those lines go; a target with more memory is named.
     c = tiny_config(tmp_path, plan_target="tpu-v5e-8", plan_search=True,
                     gradient_checkpointing=True, logits_chunk_size=128)
-    steps = plan_lib.next_steps(c, dict(out, target="tpu-v5e-8"))
+    steps = plan_report.next_steps(c, dict(out, target="tpu-v5e-8"))
     assert not any("plan_search" in s or "gradient_checkpointing" in s or "logits_chunk_size" in s
                    for s in steps)
     assert any("tpu-v6e-8 (8 x 32 GiB)" in s and "8 x 16 GiB" in s for s in steps)
     # Nothing compiled: memory advice would mislead.
     failed = dict(out, tried=[{"remat_policy": "none", "mesh": {}, "error": "INTERNAL"}])
-    (only,) = plan_lib.next_steps(c, failed)
+    (only,) = plan_report.next_steps(c, failed)
     assert "no configuration compiled" in only
 
 
@@ -110,7 +111,7 @@ def test_libtpu_lockfile_held_elsewhere_is_one_line_with_the_fix(monkeypatch):
 
     monkeypatch.setattr(topologies, "get_topology_desc", held)
     with pytest.raises(ValueError) as e:
-        plan_lib.target_devices(plan_lib.TARGETS["tpu-v5e-8"])
+        plan_targets.target_devices(plan_targets.TARGETS["tpu-v5e-8"])
     message = str(e.value)
     assert "\n" not in message and "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in message
     assert "sudo rm" not in message  # libtpu's own advice would break the process holding it
@@ -118,7 +119,7 @@ def test_libtpu_lockfile_held_elsewhere_is_one_line_with_the_fix(monkeypatch):
 
 def test_verdict_flips_with_tiny_capacity(cpu_plan):
     (r,) = cpu_plan[1]["tried"]
-    target = plan_lib.TARGETS["gpu-h100x8"]
+    target = plan_targets.TARGETS["gpu-h100x8"]
     assert plan_lib.verdict(dict(r), target, r["needed_bytes"])["fits"]
     assert not plan_lib.verdict(dict(r), target, r["needed_bytes"] - 1)["fits"]
     assert not plan_lib.verdict(dict(r), target, 1024)["fits"]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from simpo_jax.config.choices import RematPolicy
-from simpo_jax.models import layers as L
+import simpo_jax.models.layers as L  # not via the package, which imports this file
 
 REMAT_POLICIES = ("none",) + RematPolicy.values()  # "none": no gradient_checkpointing
 NORM_LAYOUTS = ("pre", "sandwich", "post")

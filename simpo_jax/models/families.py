@@ -7,7 +7,7 @@ from typing import Any
 
 import transformers
 
-from simpo_jax.models import layers as L
+import simpo_jax.models.layers as L  # not via the package, which imports this file
 from simpo_jax.models.decoder import ArchConfig
 
 ARCHITECTURES = {  # model_type -> transformers class written to config.json "architectures"

@@ -39,6 +39,7 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     (r"^model\.layers\.(?P<rest>.+)$", "{prefix}layers.{layer}.{rest}", "stack"),
     (r"^model\.(?P<rest>.+)$", "{prefix}{rest}", "identity"),
     (r"^lm_head\.weight$", "{head}", "identity"),
+    (r"^score\.weight$", "score.weight", "identity"),  # a reward model's head (onpolicy/reward)
 )
 # With KeyLayout.fused: (HF name inside a layer, our names concatenated on axis 0 in this order).
 FUSED: tuple[tuple[str, tuple[str, ...]], ...] = (

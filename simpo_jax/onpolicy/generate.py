@@ -14,7 +14,6 @@ and the step, so a resumed run draws the same tokens as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import logging
@@ -22,13 +21,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 from simpo_jax import build as build_lib
 from simpo_jax.data import formats, rows as data_rows, tokenize
-from simpo_jax.data.pairs import DataConfig
 from simpo_jax.hub import download
+from simpo_jax import setup
 from simpo_jax import sharding as sharding_lib
 from simpo_jax.errors import UserError
 from simpo_jax.paths import RunDir
@@ -87,14 +84,6 @@ def policy_source(config, *, checkpoint: bool = True) -> str:
     return config.model_name_or_path or f"model_init (seed {config.model_init_seed})"
 
 
-def load_tokenizer(config):
-    """(tokenizer, model folder or "") of the policy, without its weights."""
-    model_path, tokenizer_path = build_lib.pretrained_paths(config)
-    data_config = dataclasses.replace(DataConfig.from_config(config),
-                                      tokenizer_name_or_path=tokenizer_path)
-    return tokenize.load_tokenizer(data_config), model_path
-
-
 def load_policy(config, *, checkpoint: bool = True):
     """(model, tokenizer, mesh, source, stop ids): the run's latest checkpoint (or
     config.resume_from) when there is one and `checkpoint`, else model_name_or_path (or
@@ -105,16 +94,15 @@ def load_policy(config, *, checkpoint: bool = True):
         model = run.model()  # with a LoRA run's frozen base
         source = (f"checkpoint {config.resume_from}" if config.resume_from else  # the step
                   f"checkpoint {run.checkpointer.directory}/{run.start_step}")  # restored
-        stops = stop_token_ids(run.tokenizer, build_lib.pretrained_paths(config)[0])
+        stops = stop_token_ids(run.tokenizer, setup.pretrained_paths(config)[0])
         return model, run.tokenizer, run.mesh, source, stops
-    sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
-                                        config.process_id)
-    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
-    tokenizer, model_path = load_tokenizer(config)
-    graphdef, params = build_lib.load_params(config, tokenizer, mesh, model_path, weights=True)
+    mesh = setup.start(config)
+    tokenizer, model_path, _ = setup.load_tokenizer(config)
+    hf_config = setup.model_config(config, tokenizer, model_path)
+    # The base model as it was before training: no adapters.
+    model = setup.load_model(config, hf_config, mesh, model_path, weights=True, lora=False)
     stops = stop_token_ids(tokenizer, model_path)
-    return (nnx.merge(graphdef, params), tokenizer, mesh, policy_source(config, checkpoint=False),
-            stops)
+    return model.module(), tokenizer, mesh, policy_source(config, checkpoint=False), stops
 
 
 def sample_answers(config, model, tokenizer, mesh, stops, prompt_ids: list, seeds: list,
@@ -241,8 +229,8 @@ def load_reward_model(config, mesh):
     where = f"config.reward_model_name_or_path={config.reward_model_name_or_path!r}"
     path = download.resolve_pretrained(config.reward_model_name_or_path,
                                   field="reward_model_name_or_path")
-    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
-    model = reward.from_pretrained(path, mesh=mesh, dtype=dtype, where=where)
+    model = reward.from_pretrained(path, mesh=mesh, dtype=setup.ModelSpec.from_config(config).dtype,
+                                   where=where)
     return model, reward.load_tokenizer(path, where)
 
 
@@ -349,10 +337,8 @@ def generate(config) -> dict:
     out_dir = output_dir(config)
     if sampled_already(config, prompts):  # e.g. rerun with a reward model: no policy to load
         _say(f"generate: every shard of {len(prompts)} prompts is in {out_dir} already")
-        sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes,
-                                            config.process_id)
-        mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config))
-        tokenizer, _ = load_tokenizer(config)
+        mesh = setup.start(config)
+        tokenizer, _, _ = setup.load_tokenizer(config)
     else:
         model, tokenizer, mesh, source, stops = load_policy(config)
         start = time.time()

@@ -1,9 +1,10 @@
 """Reward models: a Hugging Face *ForSequenceClassification checkpoint as our decoder + its score head.
 
 Parameter paths are the checkpoint's keys (`model.*` stacked as in models/, `score.weight`
-[num_labels, hidden], no bias), so the import is the models' own streamed loader. A text's score is
-the score head at its last real token, found as transformers does: the rightmost token that is not
-pad_token_id (any padding side), or the last token when the config has no pad token.
+[num_labels, hidden], no bias), so the import is the models' own streamed loader (hf.load_state).
+A text's score is the score head at its last real token, found as transformers does: the rightmost
+token that is not pad_token_id (any padding side), or the last token when the config has no pad
+token.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from flax import nnx
 
 from simpo_jax import sharding as sharding_lib
 from simpo_jax.errors import UserError
-from simpo_jax.models import arch_from_hf_config
+from simpo_jax.models import arch_from_hf_config, hf
 from simpo_jax.models import layers as L
 from simpo_jax.models.decoder import CausalLM
 
 log = logging.getLogger(__name__)
 
 # model_type -> the transformers class of its reward models: the families whose checkpoints keep
-# one tensor per projection (load_state below; not phi3's fused ones), each tested against
-# transformers in tests/test_onpolicy.py.
+# one tensor per projection (hf.load_state's plain layout; not phi3's fused ones), each tested
+# against transformers in tests/test_onpolicy.py.
 ARCHITECTURES = {
     "llama": "LlamaForSequenceClassification",
     "mistral": "MistralForSequenceClassification",
@@ -102,65 +103,13 @@ def from_pretrained(path: str, *, mesh=None, dtype=jnp.float32, where: str = "")
     build = lambda: RewardModel(arch, config_dict, 1, pad, dtype=dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     shardings = sharding_lib.placement(mesh, abstract)
-    state = load_state(path, abstract, shardings, arch.num_layers)
+    try:  # exactly the checkpoint's keys: `model.*` as the policy's, `score.weight`, no LM head
+        state = hf.load_state(path, abstract, shardings, arch.num_layers,
+                              tie_word_embeddings=False, model_type=arch.model_type)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"{where or path}: {e} Not a sequence-classification checkpoint of this "
+                        "architecture.") from None
     return nnx.merge(graphdef, state)
-
-
-def _checkpoint_files(path: str) -> dict[str, str]:
-    """{tensor key: safetensors file} of model.safetensors or a sharded index."""
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise UserError(f"{path} has no model.safetensors or model.safetensors.index.json.")
-    with safe_open(single, framework="numpy") as f:
-        return {k: single for k in f.keys()}
-
-
-def load_state(path: str, abstract_state, shardings, num_layers: int):
-    """The checkpoint's tensors placed in `shardings`: `model.layers.X` [L, ...] stacked from
-    `model.layers.{i}.X`, every other path its own key (`model.*`, `score.weight`).
-
-    The reward model's own small reader: the checkpoint has exactly these keys (no LM head), so it
-    does not depend on the policy loader's layouts (fused, multimodal).
-    """
-    from safetensors import safe_open
-
-    files = _checkpoint_files(path)
-    handles: dict = {}
-
-    def get(key):
-        if key not in files:
-            raise UserError(f"{path}: tensor {key!r} is missing; not a sequence-classification "
-                            "checkpoint of this architecture.")
-        if files[key] not in handles:
-            handles[files[key]] = safe_open(files[key], framework="numpy")
-        return handles[files[key]].get_tensor(key)
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
-    wanted, arrays = set(), []
-    for (p, leaf), sh in zip(leaves, jax.tree_util.tree_leaves(shardings)):
-        name = sharding_lib.path_str(p)
-        if name.startswith("model.layers."):
-            keys = [f"model.layers.{i}.{name[len('model.layers.'):]}" for i in range(num_layers)]
-            host = np.stack([get(k) for k in keys])
-        else:
-            keys = [name]
-            host = get(name)
-        wanted.update(keys)
-        host = host.astype(np.dtype(leaf.dtype))
-        if host.shape != tuple(leaf.shape):
-            raise UserError(f"{path}: {name} has shape {host.shape}; expected {tuple(leaf.shape)}.")
-        arrays.append(jax.make_array_from_callback(host.shape, sh, lambda idx, h=host: h[idx]))
-    extra = sorted(k for k in files if k not in wanted and not k.endswith("rotary_emb.inv_freq"))
-    if extra:
-        raise UserError(f"{path}: unexpected tensors {extra[:5]} ({len(extra)}); not a "
-                        "sequence-classification checkpoint of this architecture.")
-    return jax.tree_util.tree_unflatten(treedef, arrays)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
