@@ -7,6 +7,7 @@ import pytest
 from simpo_jax import build as build_lib
 from simpo_jax import plan as plan_lib
 from simpo_jax import setup
+from simpo_jax.data.batcher import make_batcher
 from simpo_jax import sharding as sharding_lib
 from test_checkpoint import tiny_config  # configs/tiny.py, 20 steps: the schedule's length
 
@@ -16,7 +17,7 @@ def planned_and_run(c) -> tuple[str, str]:
     planner's abstract batch."""
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(c), jax.devices())
     _, steps, state = plan_lib.abstract_step(c, plan_lib.hf_config_of(c), mesh)
-    batch, _, _ = plan_lib.abstract_batch(c, mesh)
+    batch, _, _ = make_batcher(c, mesh).abstract_batch()
     planned = steps.train_step.lower(state, batch).as_text()
     run = build_lib.build(c)
     run.checkpointer.close()
@@ -46,7 +47,7 @@ def test_the_comparison_sees_a_planner_that_plans_something_else(tmp_path):
     c = tiny_config(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True,
                     remat_policy="dots")
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(c), jax.devices())
-    batch, _, _ = plan_lib.abstract_batch(c, mesh)
+    batch, _, _ = make_batcher(c, mesh).abstract_batch()
     texts = []
     for policy in ("dots", "full"):
         c.remat_policy = policy
