@@ -242,10 +242,7 @@ class CausalLM(nnx.Module):
         mask_BTS = L.base_mask(attention_mask, segment_ids, branch_ids)
         cos, sin, rope_index = self._rope(positions)
 
-        x = self.model.embed_tokens(input_ids)
-        if a.scale_embeddings:
-            x = x * jnp.asarray(a.hidden_size ** 0.5, self.dtype)
-
+        x = self._embed(input_ids)
         graphdef, stacked = nnx.split(self.model.layers)
 
         def body(x_BTD, xs):
@@ -257,6 +254,13 @@ class CausalLM(nnx.Module):
         windows = jnp.asarray(a.sliding_windows, jnp.int32)
         x, _ = jax.lax.scan(_remat(body, self.remat_policy), x, (stacked, windows, rope_index))
         return self.model.norm(x)
+
+    def _embed(self, input_ids_BT):
+        """Token embeddings, scaled by sqrt(hidden_size) where the family does (Gemma)."""
+        x = self.model.embed_tokens(input_ids_BT)
+        if self.arch.scale_embeddings:
+            x = x * jnp.asarray(self.arch.hidden_size ** 0.5, self.dtype)
+        return x
 
     def _rope(self, positions_BT):
         """cos, sin [N, B, T, R] of the N RoPE tables and each layer's table index [L].
@@ -293,9 +297,7 @@ class CausalLM(nnx.Module):
         q_slots = index + jnp.arange(t)
         mask_BTS = (jnp.arange(s)[None, None, :] <= q_slots[None, :, None]) & key_valid_BS[:, None, :]
         cos, sin, rope_index = self._rope(positions_BT)
-        x = self.model.embed_tokens(input_ids_BT)
-        if a.scale_embeddings:
-            x = x * jnp.asarray(a.hidden_size ** 0.5, self.dtype)
+        x = self._embed(input_ids_BT)
         graphdef, stacked = nnx.split(self.model.layers)
 
         def body(x_BTD, xs):

@@ -23,6 +23,19 @@ def left_pad(sequences, pad_id: int, length: int | None = None) -> tuple[np.ndar
     return ids, mask
 
 
+def _prefill(model, ids_BT, mask_BT, s: int):
+    """The prompt through the model into a cache of `s` slots: (logits, cache, positions, key
+    validity, key positions, the sequence so far [B, s])."""
+    b, t = ids_BT.shape
+    positions = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
+    key_valid = jnp.zeros((b, s), bool).at[:, :t].set(mask_BT.astype(bool))
+    key_positions = jnp.zeros((b, s), jnp.int32).at[:, :t].set(positions)
+    logits, cache = model.forward_cached(ids_BT, positions, model.init_cache(b, s), 0, key_valid,
+                                         key_positions)
+    seq = jnp.zeros((b, s), jnp.int32).at[:, :t].set(ids_BT.astype(jnp.int32))
+    return logits, cache, positions, key_valid, key_positions, seq
+
+
 def decode(model, ids_BT, mask_BT, pick, *, max_new_tokens: int, eos_token_ids, pad_token_id):
     """The KV-cached decoding loop, for any token choice (call it inside jit).
 
@@ -33,17 +46,12 @@ def decode(model, ids_BT, mask_BT, pick, *, max_new_tokens: int, eos_token_ids, 
     """
     b, t = ids_BT.shape
     s = t + max_new_tokens
-    positions = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
-    key_valid = jnp.zeros((b, s), bool).at[:, :t].set(mask_BT.astype(bool))
-    key_positions = jnp.zeros((b, s), jnp.int32).at[:, :t].set(positions)
-    logits, cache = model.forward_cached(ids_BT, positions, model.init_cache(b, s), 0, key_valid,
-                                         key_positions)
+    logits, cache, positions, key_valid, key_positions, seq = _prefill(model, ids_BT, mask_BT, s)
     token = pick(logits[:, -1], 0)
     out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
     lengths = jnp.zeros((b,), jnp.int32)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
-    seq = jnp.zeros((b, s), jnp.int32).at[:, :t].set(ids_BT.astype(jnp.int32))
     # longrope (phi3): transformers' Phi3ForCausalLM drops its cache when the sequence reaches
     # original_max_position_embeddings + 1 tokens and encodes it all again (with the long
     # factors); the step that writes slot `after` does the same here.
