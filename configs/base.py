@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.bf16 = False  # bfloat16 compute over float32 master parameters
     c.gradient_checkpointing = False  # rematerialise each decoder block in the backward pass
     c.remat_policy = "full"  # with gradient_checkpointing: full | dots | dots_saveable
-    c.attention_implementation = "auto"  # auto (cuDNN on GPU in bf16, else XLA) | xla | cudnn
+    c.attention_implementation = "auto"  # auto (TPU splash, GPU bf16 cuDNN, else xla) | xla | cudnn | splash | flash
     c.logits_chunk_size = 0  # positions per LM-head chunk in the loss; 0 = all at once
 
     # --- Memory modes (measured effects: docs/memory_plans.md) --------------------------------

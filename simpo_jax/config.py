@@ -19,7 +19,7 @@ CHOICES = {
     "remat_policy": ("full", "dots", "dots_saveable"),
     "export_dtype": ("bfloat16", "float32"),
     "batch_layout": ("padded", "packed", "shared_prompt"),
-    "attention_implementation": ("auto", "xla", "cudnn"),
+    "attention_implementation": ("auto", "xla", "cudnn", "splash", "flash"),
     "rm_eval_baseline": ("model", "chosen"),
     "master_weights": precision.MASTER_WEIGHTS,
     "optimizer_state_dtype": precision.STATE_DTYPES,

@@ -1,0 +1,176 @@
+"""Splash (TPU) and flash (GPU) attention in Pallas interpret mode against the XLA path
+(layers.attention with layers.base_mask / window_mask): outputs and gradients within 1e-5 of each
+tensor's largest entry, float32, for every batch layout and Llama, Gemma 2, Gemma 3, Qwen3 shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from simpo_jax import models
+from simpo_jax import packing
+from simpo_jax.models import kernels
+from simpo_jax.models import layers as L
+from simpo_jax.models.kernels import rows
+from test_attention import LENGTHS, pairs_of
+from test_packing import GEMMA2, GEMMA3, LLAMA
+
+# (query heads, key/value heads, head dim, soft-cap, windows of the model's layers)
+SHAPES = {
+    "llama": (4, 2, 64, None, (L.NO_WINDOW,)),
+    "gemma2": (4, 2, 128, 2.0, (40, L.NO_WINDOW)),  # logit soft-cap, local / global layers
+    "gemma3": (4, 2, 128, None, (24, L.NO_WINDOW)),  # local / global, no soft-cap
+    "qwen3": (4, 1, 128, None, (L.NO_WINDOW,)),  # 4 query heads per key/value head
+}
+ROWS = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5]), np.zeros(0, np.int64)]
+
+
+def layout_batch(layout: str, row_length: int) -> dict:
+    """Rows of the layout: the last row is padding only; LENGTHS holds an empty prompt and an
+    empty completion (an empty branch), prompts and completions across tile edges."""
+    if layout != "padded":
+        return packing.make_rows(pairs_of(LENGTHS), ROWS, layout=layout, pad_id=0,
+                                 row_length=row_length, max_pairs_per_row=3)
+    mask = np.zeros((4, row_length), np.int32)
+    mask[0, :250] = 1  # right padding
+    mask[1, 40:] = 1  # left padding
+    mask[2] = 1  # full
+    return {"attention_mask": mask}
+
+
+def inputs(layout, shape, row_length=460, seed=0):
+    """q, k, v, cotangent (zero on queries that see nothing), the row mask, the XLA mask."""
+    heads, kv, dim, _, _ = SHAPES[shape]
+    batch = layout_batch(layout, row_length)
+    if layout == "padded":
+        valid = jnp.asarray(batch["attention_mask"])
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        segments = branches = None
+    else:
+        segments, branches = jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["branch_ids"])
+        valid, positions = segments > 0, jnp.asarray(batch["positions"])
+        if layout == "packed":
+            branches = None
+    keys = jax.random.split(jax.random.key(seed), 4)
+    b, t = valid.shape
+    q = jax.random.normal(keys[0], (b, t, heads, dim))
+    k = jax.random.normal(keys[1], (b, t, kv, dim))
+    v = jax.random.normal(keys[2], (b, t, kv, dim))
+    cot = jax.random.normal(keys[3], q.shape) * (valid > 0)[:, :, None, None]
+    return (q, k, v, cot, kernels.RowMask.of(valid, segments, branches),
+            L.base_mask(valid, segments, branches), positions)
+
+
+def max_error(got, want) -> float:
+    """Largest difference over the largest entry of `want`."""
+    return float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(want).max())
+
+
+def check(kernel, layout, shape, row_length=460, break_mask=False):
+    q, k, v, cot, row_mask, mask, positions = inputs(layout, shape, row_length)
+    _, _, dim, softcap, windows = SHAPES[shape]
+    scale = dim ** -0.5 * 3.0  # logits of a few units, so the soft-cap and the softmax both bite
+    if break_mask:  # the kernel sees one more key: the token after a segment's first one
+        ids = np.array(row_mask.ids_BT)
+        ids[0, 1] = ids[0, 0] + 1000
+        row_mask = kernels.RowMask(jnp.asarray(ids), row_mask.branch_ids_BT)
+
+    def xla(q, k, v, window):
+        return L.attention(q, k, v, mask & L.window_mask(positions, window), scale=scale,
+                           softcap=softcap)
+
+    def pallas(q, k, v, window):
+        return kernels.attention(q, k, v, row_mask.with_window(window), kernel=kernel,
+                                 scale=scale, softcap=softcap, windows=windows)
+
+    for window in sorted(set(windows)):  # every layer type, the window a traced scalar
+        window = jnp.int32(window)
+        outs = [jax.jit(fn)(q, k, v, window) * (cot != 0) for fn in (pallas, xla)]
+        assert np.isfinite(np.asarray(outs[0])).all()
+        grads = [jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v, window) * cot).sum(),
+                                  argnums=(0, 1, 2)))(q, k, v) for fn in (pallas, xla)]
+        errors = [max_error(*outs)] + [max_error(a, b) for a, b in zip(*grads)]
+        assert max(errors) < 1e-5, (int(window), errors)
+
+
+@pytest.mark.parametrize("kernel,layout,shape", [
+    ("splash", "shared_prompt", "gemma2"),  # two calls, soft-cap, local and global layers
+    ("flash", "packed", "qwen3"),
+])
+def test_kernel_equals_xla_attention(kernel, layout, shape):
+    check(kernel, layout, shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_splash_equals_xla_attention_everywhere(layout, shape):
+    check("splash", layout, shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+@pytest.mark.parametrize("shape", ["llama", "qwen3"])
+def test_flash_equals_xla_attention_everywhere(layout, shape):
+    check("flash", layout, shape)
+
+
+def test_a_mask_one_token_off_fails():
+    """The comparison catches a kernel mask that lets one query see one key too many."""
+    with pytest.raises(AssertionError):
+        check("splash", "packed", "llama", row_length=128, break_mask=True)
+
+
+def test_shared_prompt_order_puts_rejected_after_prompt():
+    ids = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 2, 0, 0]])
+    branches = jnp.asarray([[0, 0, 1, 2, 2, 0, 1, 2, 0, 0]])
+    order = rows.rejected_first(ids, branches)
+    np.testing.assert_array_equal(order[0], [0, 1, 3, 4, 2, 5, 7, 6, 8, 9])
+    assert rows.pad_rows(300) == 384 and rows.block_size(384) == 128
+    assert rows.block_size(1024) == 512 and rows.layer_windows((4096, 2**30), 2048) == ()
+
+
+def test_selection_follows_the_devices_platform():
+    assert L.select_attention("auto", 2.0, jnp.bfloat16, platform="tpu") == "splash"
+    assert L.select_attention("auto", None, jnp.bfloat16, platform="gpu") == "cudnn"
+    assert L.select_attention("auto", None, jnp.float32, platform="gpu") == "xla"
+    assert L.select_attention("auto", None, jnp.float32, platform="cpu") == "xla"
+    assert L.select_attention("splash", 2.0, jnp.float32, platform="cpu") == "splash"
+    assert L.select_attention("flash", None, jnp.bfloat16, platform="gpu") == "flash"
+    with pytest.raises(ValueError, match="'flash' cannot run: the model soft-caps"):
+        L.select_attention("flash", 2.0, jnp.bfloat16, platform="gpu")
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        L.select_attention("flash", None, jnp.bfloat16, windows=(4, L.NO_WINDOW), platform="gpu")
+    with pytest.raises(ValueError, match="splash runs on tpu .*the devices are gpu"):
+        L.select_attention("splash", None, jnp.bfloat16, platform="gpu")
+
+
+def decoder_stats(config, impl, batch):
+    model = models.from_config(config, seed=1, attention=impl)
+    graphdef, params = nnx.split(model, nnx.Param)
+    real = (batch["segment_ids"] > 0)[..., None]
+
+    def loss(params):
+        h = nnx.merge(graphdef, params).hidden_states(
+            batch["input_ids"], batch["segment_ids"] > 0, positions=batch["positions"],
+            segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"])
+        return (h * real).sum(), h
+
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("config", [
+    LLAMA, pytest.param(GEMMA2, marks=pytest.mark.slow), pytest.param(GEMMA3, marks=pytest.mark.slow)],
+    ids=["llama", "gemma2", "gemma3"])
+def test_decoder_with_splash_equals_xla(config):
+    """The tiny model's hidden states and gradients on shared-prompt rows, splash vs XLA."""
+    batch = {k: jnp.asarray(v) for k, v in packing.make_rows(
+        pairs_of(LENGTHS[:3]), [np.array([0, 1]), np.array([2])], layout="shared_prompt",
+        pad_id=0, row_length=300, max_pairs_per_row=2).items()}
+    real = np.asarray(batch["segment_ids"] > 0)[..., None]
+    (g_splash, h_splash), (g_xla, h_xla) = (decoder_stats(config, impl, batch)
+                                            for impl in ("splash", "xla"))
+    assert max_error(np.where(real, h_splash, 0), np.where(real, h_xla, 0)) < 1e-5
+    errors = jax.tree.map(max_error, g_splash, g_xla)
+    assert max(jax.tree.leaves(errors)) < 1e-5, errors
