@@ -2,6 +2,12 @@
 (layers.attention with layers.base_mask / window_mask): outputs and gradients within 1e-5 of each
 tensor's largest entry, float32, for every batch layout and Llama, Gemma 2, Gemma 3, Qwen3 shapes."""
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +189,51 @@ def test_decoder_with_splash_equals_xla(config, layout):
     assert max_error(np.where(real, h_splash, 0), np.where(real, h_xla, 0)) < 1e-5
     errors = jax.tree.map(max_error, g_splash, g_xla)
     assert max(jax.tree.leaves(errors)) < 1e-5, errors
+
+
+TPU_PLAN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from configs import base
+from simpo_jax import plan, sharding
+from simpo_jax.models import kernels
+calls = []
+splash = kernels.KERNELS["splash"]
+kernels.KERNELS["splash"] = lambda *a, **k: calls.append(k["interpret"]) or splash(*a, **k)
+c = base.get_config()
+c.model_init = dict(model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    max_position_embeddings=1024, tie_word_embeddings=False)
+c.plan_target, c.bf16, c.gradient_checkpointing = "tpu-v5e-8", True, True
+c.batch_layout, c.pack_row_length, c.pack_rows_per_device = "shared_prompt", 1000, 1
+c.max_length, c.per_device_train_batch_size = 500, 1
+devices = plan.target_devices(plan.TARGETS[c.plan_target])
+mesh = sharding.make_mesh(sharding.MeshConfig.from_config(c), devices)
+out = {}
+for impl in ("splash", "xla"):
+    c.attention_implementation = impl
+    with jax.set_mesh(mesh):  # what the planner must do: the kernel follows the mesh
+        out[impl] = plan.compile_step(c, plan.hf_config_of(c), devices)
+out["splash_calls_interpret"] = calls
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_train_step_compiles_for_tpu_v5e_with_splash_on_shared_prompt_rows():
+    """The TPU compiler builds the train step with compiled (not interpreted) splash kernels,
+    one shard per chip, from this CPU host; its per-chip memory is no more than the XLA path's."""
+    env = dict(os.environ, TPU_ACCELERATOR_TYPE="v5litepod-8", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", TPU_PLAN, root], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["splash_calls_interpret"] and not any(out["splash_calls_interpret"])
+    splash, xla = out["splash"], out["xla"]
+    assert splash["row_length"] == 1000 and splash["num_devices"] == 8
+    assert splash["temp_bytes"] <= xla["temp_bytes"], (splash["temp_bytes"], xla["temp_bytes"])
