@@ -237,3 +237,20 @@ def test_train_step_compiles_for_tpu_v5e_with_splash_on_shared_prompt_rows():
     splash, xla = out["splash"], out["xla"]
     assert splash["row_length"] == 1000 and splash["num_devices"] == 8
     assert splash["temp_bytes"] <= xla["temp_bytes"], (splash["temp_bytes"], xla["temp_bytes"])
+
+
+@pytest.mark.slow
+def test_device_check_dry_run(capsys):
+    """bench/device_check.py end to end on a tiny model: every layout, XLA and splash
+    (interpreted), each first-step loss within bf16 rounding of the float32 CPU run."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import device_check
+
+    device_check.main(["--dry-run"])
+    lines = [x.split() for x in capsys.readouterr().out.splitlines()
+             if x.split()[:1] and x.split()[0] in device_check.LAYOUTS]
+    assert [x[:2] for x in lines] == [[layout, impl] for layout in device_check.LAYOUTS
+                                      for impl in ("xla", "splash")]
+    for row in lines:
+        loss, reference = float(row[6]), float(row[7])
+        assert abs(loss - reference) < 1e-2 * abs(reference), row
