@@ -1,7 +1,7 @@
 """Device check of the attention kernels: a ~1B Llama in bfloat16, each batch layout, XLA vs kernel.
 
-    python3 bench/device_check.py              # one H100 / H200 (flash) or TPU chip (splash), <8 min
-    python3 bench/device_check.py --dry-run    # a tiny model on this CPU, kernels interpreted, seconds
+    python3 bench/device_check.py            # one H100 / H200 (flash) or TPU chip (splash), < 8 min
+    python3 bench/device_check.py --dry-run  # a tiny model on a CPU, kernels interpreted
 
 For each layout (padded, packed, shared_prompt) and attention (xla and the device's kernel; add
 more with --impls, e.g. --impls=xla,cudnn,flash), the jitted train step over one batch of about
@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from configs import base  # noqa: E402
 from gpu_check import random_pairs  # noqa: E402
 from simpo_jax import flops, models, optim, packing  # noqa: E402
 from simpo_jax import loss as loss_lib  # noqa: E402
@@ -55,14 +56,11 @@ def one_batch(pairs, layout: str, row_length: int, rows: int):
 
 
 def step_parts(config, layout: str, impl: str, dtype):
-    """(graphdef, params, jitted train step, state shardings, tx) on one device."""
+    """(graphdef, params, jitted train step, state shardings, tx, mesh) on one device."""
     graphdef, params = nnx.split(models.from_config(config, dtype=dtype, seed=0, attention=impl),
                                  nnx.Param)
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(
-        learning_rate=1e-5, lr_scheduler_type="constant_with_warmup", warmup_ratio=0.0,
-        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        max_grad_norm=1.0, master_weights="float32", optimizer_state_dtype="float32",
-        seed=0), total_steps=1000)
+    tx, schedule = optim.make_optimizer(optim.OptimConfig.from_config(base.get_config()),
+                                        total_steps=1000)
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     fn, state_sh = step_lib.jit_train_step(
@@ -71,7 +69,7 @@ def step_parts(config, layout: str, impl: str, dtype):
     return graphdef, params, fn, state_sh, tx, mesh
 
 
-LOSS = loss_lib.LossConfig(beta=2.0, gamma_beta_ratio=0.5)
+LOSS = loss_lib.LossConfig.from_config(base.get_config())  # the recipes' defaults
 
 
 def cpu_loss(config, params_host, layout: str, batch) -> float:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from simpo_jax.models import kernels
+import simpo_jax.models.kernels as kernels
 from simpo_jax.models import layers as L
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")

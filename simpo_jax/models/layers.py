@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from simpo_jax.models import kernels
+import simpo_jax.models.kernels as kernels
 
 # Added to masked attention logits: finite, so fully masked (padding) rows give a uniform
 # softmax instead of NaN.
@@ -316,7 +316,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "flash")
 
 def select_attention(impl: str, softcap: float | None, dtype, *, windows=(),
                      platform: str | None = None) -> str:
-    """The attention that runs for config attention_implementation `impl`: xla | cudnn | splash | flash.
+    """The attention config attention_implementation `impl` runs: xla | cudnn | splash | flash.
 
     platform: where the arrays live (default: the context mesh's devices, else the default
     backend; kernels.platform), so a CPU host planning for a TPU mesh picks the TPU's kernel.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
-from simpo_jax.models.kernels import rows
+from simpo_jax.models.kernels.rows import block_size
 
 
 def flash_call(q_BTHE, k_BTKE, v_BTKE, ids_BT, *, window: int | None, softcap: float | None,
@@ -20,7 +20,7 @@ def flash_call(q_BTHE, k_BTKE, v_BTKE, ids_BT, *, window: int | None, softcap: f
         raise ValueError("flash attention has no sliding window or logit soft-cap.")
     t, h, kv = q_BTHE.shape[1], q_BTHE.shape[2], k_BTKE.shape[2]
     k_BTHE, v_BTHE = (jnp.repeat(x, h // kv, axis=2) for x in (k_BTKE, v_BTKE))
-    blk = min(rows.block_size(t), 128)  # Triton's forward tile; the backward keeps its 32s
+    blk = min(block_size(t), 128)  # Triton's forward tile; the backward keeps its 32s
     blocks = gpu_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=32, block_kv_dkv=32,
                                       block_q_dq=32, block_kv_dq=32)
     return gpu_attention.mha(q_BTHE, k_BTHE, v_BTHE, ids_BT, sm_scale=1.0, causal=True,

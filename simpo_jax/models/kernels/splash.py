@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-from simpo_jax.models.kernels import rows
+from simpo_jax.models.kernels.rows import block_size
 
 
 def splash_call(q_BTHE, k_BTKE, v_BTKE, ids_BT, *, window: int | None, softcap: float | None,
@@ -22,7 +22,7 @@ def splash_call(q_BTHE, k_BTKE, v_BTKE, ids_BT, *, window: int | None, softcap: 
     b, t, h, _ = q_BTHE.shape
     shape = (t, t)
     mask = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), 0)
-    blk = rows.block_size(t)
+    blk = block_size(t)
     blocks = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                            block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                            block_kv_dq=blk)
