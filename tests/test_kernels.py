@@ -135,6 +135,25 @@ def test_a_mask_one_token_off_fails():
         check("splash", "packed", "llama", SMALL, break_mask=True, grads=False)
 
 
+@pytest.mark.slow
+def test_kernel_runs_per_shard_under_a_mesh():
+    """Under jax.set_mesh the kernel runs in a shard_map (rows over data and fsdp, heads over
+    tensor) and equals the unsharded call."""
+    q, k, v, _, row_mask, _, _ = inputs("shared_prompt", "llama", SMALL)
+    q, k, v = (jnp.concatenate([x] * 2) for x in (q, k, v))  # 4 rows: two per batch shard
+    row_mask = jax.tree.map(lambda x: jnp.concatenate([x] * 2), row_mask)
+    run = jax.jit(lambda q, k, v, m: kernels.attention(q, k, v, m, kernel="splash", scale=0.2,
+                                                       softcap=None))
+    want = run(q, k, v, row_mask)
+    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        text = run.lower(q, k, v, row_mask).as_text()
+        got = run(q, k, v, row_mask)
+    assert "shard_map" in text or "manual" in text
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_shared_prompt_order_puts_rejected_after_prompt():
     ids = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 2, 0, 0]])
     branches = jnp.asarray([[0, 0, 1, 2, 2, 0, 1, 2, 0, 0]])

@@ -49,9 +49,9 @@ def reasons(kernel: str, *, softcap: float | None, windows=(), on: str | None = 
     if kernel == "flash" and any(int(w) < 2**30 for w in windows):
         out.append("the model has sliding-window layers, which the Pallas GPU kernel cannot mask")
     mesh = jax.sharding.get_abstract_mesh()
-    if on == "tpu" == jax.default_backend() and mesh.empty and jax.device_count() > 1:
-        out.append("a Mosaic kernel on several TPU chips needs the mesh: trace the step under "
-                   "jax.set_mesh(mesh)")
+    if on == HOME[kernel] == platform() and mesh.empty and jax.device_count() > 1:
+        out.append(f"a {kernel} kernel on several {on} devices runs per shard and needs the mesh: "
+                   "trace the step under jax.set_mesh(mesh)")
     return out
 
 
