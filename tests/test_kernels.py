@@ -193,9 +193,9 @@ def decoder_stats(config, impl, batch, layout):
     return jax.jit(jax.grad(loss, has_aux=True))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,layout", [
-    (LLAMA, "packed"), pytest.param(GEMMA2, "shared_prompt", marks=pytest.mark.slow),
-    pytest.param(GEMMA3, "shared_prompt", marks=pytest.mark.slow)],
+    (LLAMA, "packed"), (GEMMA2, "shared_prompt"), (GEMMA3, "shared_prompt")],
     ids=["llama", "gemma2", "gemma3"])
 def test_decoder_with_splash_equals_xla(config, layout):
     """The tiny model's hidden states and gradients, attention_implementation splash vs xla."""
