@@ -297,5 +297,5 @@ def test_attention_selection_names_why_cudnn_cannot_run():
                                     intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1),
                                attention="cudnn")
-    with pytest.raises(ValueError, match="valid: auto, xla, cudnn"):
-        layers.select_attention("flash", None, jnp.bfloat16)
+    with pytest.raises(ValueError, match="valid: auto, xla, cudnn, splash, flash"):
+        layers.select_attention("flash2", None, jnp.bfloat16)

@@ -28,7 +28,8 @@ def choice(name: str, *values: str) -> type[Choice]:
 
 
 RematPolicy = choice("RematPolicy", "full", "dots", "dots_saveable")
-AttentionImplementation = choice("AttentionImplementation", "auto", "xla", "cudnn")
+AttentionImplementation = choice("AttentionImplementation", "auto", "xla", "cudnn", "splash",
+                                 "flash")
 MasterWeights = choice("MasterWeights", "float32", "bfloat16_stochastic", "bfloat16_kahan")
 StateDtype = choice("StateDtype", "float32", "bfloat16")
 LoraQuantization = choice("LoraQuantization", "none", "int8")

@@ -75,7 +75,8 @@ class Model:
                                                  "backward pass")
     remat_policy: RematPolicy = option("full", "what gradient_checkpointing keeps")
     attention_implementation: AttentionImplementation = option(
-        "auto", "auto = cuDNN on GPU in bf16, else XLA")
+        "auto", "auto = splash on TPU, cuDNN on GPU in bf16 without soft-cap, else XLA; "
+        "splash / flash run interpreted on CPU (docs/kernels.md)")
     logits_chunk_size: int = option(0, "positions per LM-head chunk in the loss; 0 = all at once",
                                     NON_NEGATIVE)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from simpo_jax.config.choices import RematPolicy
+import simpo_jax.models.kernels as kernels
 import simpo_jax.models.layers as L  # not via the package, which imports this file
 
 REMAT_POLICIES = ("none",) + RematPolicy.values()  # "none": no gradient_checkpointing
@@ -69,7 +70,7 @@ class ArchConfig:
     long_inv_freq: tuple[float, ...] | None = None
     long_rope_after: int = 0
     rope_scale: float = 1.0
-    attention_impl: str = "auto"  # auto | xla | cudnn (layers.select_attention); not in config.json
+    attention_impl: str = "auto"  # layers.ATTENTION_IMPLS (select_attention); not in config.json
 
     def __post_init__(self):
         if self.norm_layout not in NORM_LAYOUTS:
@@ -117,13 +118,23 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         scale = a.attn_scale if a.attn_scale is not None else a.head_dim ** -0.5
-        if cache is None and L.select_attention(a.attention_impl, a.attn_softcap, q.dtype) == "cudnn":
+        if isinstance(mask_BTS, kernels.RowMask):  # hidden_states chose a kernel (splash, flash)
+            out = kernels.attention(q, k, v, mask_BTS, kernel=self.kernel(q.dtype), scale=scale,
+                                    softcap=a.attn_softcap, windows=a.sliding_windows)
+        elif cache is None and L.select_attention(a.attention_impl, a.attn_softcap,
+                                                  q.dtype) == "cudnn":
             out = L.cudnn_attention(q, k, v, mask_BTS, scale=scale)
         else:
             out = L.attention(q, k, v, mask_BTS, scale=scale, softcap=a.attn_softcap,
                               causal_blocks=cache is None, blocks_BM2=blocks)
         out = self.o_proj(out.reshape(b, t, a.num_heads * a.head_dim))
         return out if cache is None else (out, (k, v))
+
+    def kernel(self, dtype) -> str:
+        """The attention this model runs without a cache: xla | cudnn | splash | flash."""
+        a = self.arch
+        return L.select_attention(a.attention_impl, a.attn_softcap, dtype,
+                                  windows=a.sliding_windows)
 
 
 class MLP(nnx.Module):
@@ -239,7 +250,12 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
         positions = jnp.asarray(positions)
-        mask_BTS = L.base_mask(attention_mask, segment_ids, branch_ids)
+        if self.model.layers.self_attn.kernel(self.dtype) in kernels.KERNELS:  # no [B, T, S] mask
+            row_mask = kernels.RowMask.of(attention_mask, segment_ids, branch_ids)
+            layer_mask = row_mask.with_window
+        else:
+            mask_BTS = L.base_mask(attention_mask, segment_ids, branch_ids)
+            layer_mask = lambda window: mask_BTS & L.window_mask(positions, window)  # noqa: E731
         cos, sin, rope_index = self._rope(positions)
 
         x = self._embed(input_ids)
@@ -248,8 +264,7 @@ class CausalLM(nnx.Module):
         def body(x_BTD, xs):
             layer_state, window, r = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x_BTD, cos[r], sin[r], mask_BTS & L.window_mask(positions, window),
-                         blocks=attention_blocks), None
+            return layer(x_BTD, cos[r], sin[r], layer_mask(window), blocks=attention_blocks), None
 
         windows = jnp.asarray(a.sliding_windows, jnp.int32)
         x, _ = jax.lax.scan(_remat(body, self.remat_policy), x, (stacked, windows, rope_index))

@@ -17,6 +17,7 @@ from flax import nnx
 
 from simpo_jax.config.choices import AttentionImplementation
 from simpo_jax.attention_tiles import SPARSE_BLOCK
+import simpo_jax.models.kernels as kernels
 
 # Added to masked attention logits: finite, so fully masked (padding) rows give a uniform
 # softmax instead of NaN.
@@ -314,18 +315,30 @@ def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, scale: float, softcap: float
 ATTENTION_IMPLS = AttentionImplementation.values()
 
 
-def select_attention(impl: str, softcap: float | None, dtype) -> str:
-    """"cudnn" or "xla" for config attention_implementation `impl`.
+def select_attention(impl: str, softcap: float | None, dtype, *, windows=(),
+                     platform: str | None = None) -> str:
+    """The attention config attention_implementation `impl` runs: xla | cudnn | splash | flash.
 
-    auto: cuDNN fused attention (through jax.nn.dot_product_attention, with the packed rows'
-    segment / branch mask) on GPU in 16-bit without logit soft-capping (cuDNN has none); the XLA
-    einsum path everywhere else, TPU included. cudnn: the same kernel, or an error saying why not.
+    platform: where the arrays live (default: the context mesh's devices, else the default
+    backend; kernels.platform), so a CPU host planning for a TPU mesh picks the TPU's kernel.
+    auto: splash on TPU; on GPU cuDNN fused attention (jax.nn.dot_product_attention with the
+    rows' mask) in 16-bit without logit soft-capping, which the H200 check measured fastest, else
+    XLA; XLA on CPU. A named kernel runs or raises the reasons it cannot (on a CPU, splash and
+    flash run in Pallas interpret mode).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_implementation={impl!r}; valid: {', '.join(ATTENTION_IMPLS)}.")
+    on = platform or kernels.platform()
+    if impl in kernels.KERNELS or (impl == "auto" and on == "tpu"):
+        kernel = "splash" if impl == "auto" else impl
+        why = kernels.reasons(kernel, softcap=softcap, windows=windows, on=on)
+        if impl == kernel and why:
+            raise ValueError(f"attention_implementation={impl!r} cannot run: " + "; ".join(why)
+                             + ".")
+        return "xla" if why else kernel
     reasons = []
-    if jax.default_backend() != "gpu":
-        reasons.append(f"the backend is {jax.default_backend()}, not gpu")
+    if on != "gpu":
+        reasons.append(f"the backend is {on}, not gpu")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         reasons.append(f"compute dtype {jnp.dtype(dtype).name} is not 16-bit (set bf16=True)")
     if softcap is not None:
