@@ -29,11 +29,13 @@ from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
 from gpu_check import random_pairs  # noqa: E402
-from simpo_jax import flops, models, optim, packing  # noqa: E402
+from simpo_jax import flops, models, optim  # noqa: E402
 from simpo_jax import loss as loss_lib  # noqa: E402
 from simpo_jax import sharding as sharding_lib  # noqa: E402
 from simpo_jax import step as step_lib  # noqa: E402
-from simpo_jax.data.batching import make_batch  # noqa: E402
+from simpo_jax.data import packed  # noqa: E402
+from simpo_jax.data.batch import batch_shardings  # noqa: E402
+from simpo_jax.data.padded import make_batch  # noqa: E402
 
 # Llama-3.2-1B's trunk (16 layers, 2048 wide, GQA 2:1) with head dim 128 and a 32k vocabulary:
 # 0.89B parameters.
@@ -51,7 +53,7 @@ def one_batch(pairs, layout: str, row_length: int, rows: int):
     (the same token slots)."""
     if layout == "padded":
         return make_batch(pairs, np.arange(rows), np.ones(rows), 0, row_length // 2)
-    return next(packing.train_batches(pairs, layout=layout, rows_per_process=rows, seed=0,
+    return next(packed.row_batches(pairs, layout=layout, rows_per_process=rows, seed=0,
                                       pad_id=0, row_length=row_length, max_pairs_per_row=32))
 
 
@@ -89,8 +91,7 @@ def run_one(config, layout: str, impl: str, batch, steps: int, peak: float, per_
     graphdef, params, fn, state_sh, tx, mesh = step_parts(config, layout, impl, jnp.bfloat16)
     params_host = jax.device_get(params)
     state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-    sh = step_lib.batch_shardings(mesh, layout)
-    device_batch = {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
+    device_batch = jax.device_put(batch, batch_shardings(mesh, layout))
     with jax.set_mesh(mesh):  # the kernels run per shard of the step's mesh
         start = time.perf_counter()
         compiled = fn.lower(state, device_batch).compile()

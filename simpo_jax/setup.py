@@ -181,7 +181,31 @@ def make_steps(config, mesh, model: Model, *, total_steps: int, batch_layout: st
     if model.frozen is not None:
         train_step = step_lib.BoundFrozen(train_step, model.frozen)
         eval_step = step_lib.BoundFrozen(eval_step, model.frozen)
+    if runs_pallas_kernel(config, mesh):
+        train_step, eval_step = UnderMesh(train_step, mesh), UnderMesh(eval_step, mesh)
     return Steps(tx, schedule, abstract_state, state_sh, frozen_sh, train_step, eval_step)
+
+
+def runs_pallas_kernel(config, mesh) -> bool:
+    """Whether attention runs a Pallas kernel (splash on TPU, or splash / flash asked for)."""
+    return (mesh.devices.flat[0].platform == "tpu"
+            or config.attention_implementation in ("splash", "flash"))
+
+
+class UnderMesh:
+    """A jitted step traced and run under jax.set_mesh(mesh): the Pallas attention kernels run
+    per device (shard_map) and need the mesh while tracing. `lower` as jit's."""
+
+    def __init__(self, fn, mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
 
 
 def init_state(steps: Steps, params) -> step_lib.TrainState:

@@ -2,6 +2,7 @@
 (layers.attention with layers.base_mask / window_mask): outputs and gradients within 1e-5 of each
 tensor's largest entry, float32, for every batch layout and Llama, Gemma 2, Gemma 3, Qwen3 shapes."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 from flax import nnx
 
 from simpo_jax import models
-from simpo_jax import packing
+from simpo_jax.data import packed_rows
 from simpo_jax.models import kernels
 from simpo_jax.models import layers as L
 from simpo_jax.models.kernels import rows
@@ -40,8 +41,9 @@ def layout_batch(layout: str, lengths, rows, row_length: int) -> dict:
     """Rows of the layout: the last row is padding only; LENGTHS holds an empty prompt and an
     empty completion (an empty branch), prompts and completions across tile edges."""
     if layout != "padded":
-        return packing.make_rows(pairs_of(lengths), rows, layout=layout, pad_id=0,
-                                 row_length=row_length, max_pairs_per_row=3)
+        return dataclasses.asdict(packed_rows.make_rows(
+            pairs_of(lengths), rows, layout=layout, pad_id=0, row_length=row_length,
+            max_pairs_per_row=3))
     mask = np.zeros((4, row_length), np.int32)
     mask[0, :row_length // 2] = 1  # right padding
     mask[1, 40:] = 1  # left padding
@@ -199,9 +201,9 @@ def decoder_stats(config, impl, batch, layout):
     ids=["llama", "gemma2", "gemma3"])
 def test_decoder_with_splash_equals_xla(config, layout):
     """The tiny model's hidden states and gradients, attention_implementation splash vs xla."""
-    batch = {k: jnp.asarray(v) for k, v in packing.make_rows(
+    batch = {k: jnp.asarray(v) for k, v in dataclasses.asdict(packed_rows.make_rows(
         pairs_of(SMALL["lengths"]), SMALL["rows"], layout=layout, pad_id=0,
-        row_length=SMALL["row_length"], max_pairs_per_row=3).items()}
+        row_length=SMALL["row_length"], max_pairs_per_row=3)).items()}
     real = np.asarray(batch["segment_ids"] > 0)[..., None]
     (g_splash, h_splash), (g_xla, h_xla) = (decoder_stats(config, impl, batch, layout)
                                             for impl in ("splash", "xla"))
@@ -215,7 +217,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
 from configs import base
-from simpo_jax import plan, sharding
+from simpo_jax import plan, plan_targets, sharding
 from simpo_jax.models import kernels
 calls = []
 splash = kernels.KERNELS["splash"]
@@ -227,13 +229,11 @@ c.model_init = dict(model_type="llama", vocab_size=1024, hidden_size=256, interm
 c.plan_target, c.bf16, c.gradient_checkpointing = "tpu-v5e-8", True, True
 c.batch_layout, c.pack_row_length, c.pack_rows_per_device = "shared_prompt", 1000, 1
 c.max_length, c.per_device_train_batch_size = 500, 1
-devices = plan.target_devices(plan.TARGETS[c.plan_target])
-mesh = sharding.make_mesh(sharding.MeshConfig.from_config(c), devices)
+devices = plan_targets.target_devices(plan_targets.TARGETS[c.plan_target])
 out = {}
-for impl in ("splash", "xla"):
+for impl in ("auto", "xla"):  # auto picks splash on TPU; setup traces it under the mesh
     c.attention_implementation = impl
-    with jax.set_mesh(mesh):  # what the planner must do: the kernel follows the mesh
-        out[impl] = plan.compile_step(c, plan.hf_config_of(c), devices)
+    out["splash" if impl == "auto" else impl] = plan.compile_step(c, plan.hf_config_of(c), devices)
 out["splash_calls_interpret"] = calls
 print(json.dumps(out))
 """

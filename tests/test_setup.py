@@ -68,3 +68,21 @@ def test_model_spec_holds_the_dtype_and_remat_rule(tmp_path):
     # A LoRA base is frozen in the compute dtype; the adapters train in the master dtype.
     c.bf16 = True
     assert names(setup.ModelSpec.from_config(c)) == ("bfloat16", "bfloat16", "float32", "dots")
+
+
+@pytest.mark.slow  # splash in Pallas interpret mode: about a minute on 2 cores
+def test_a_run_with_splash_traces_under_its_mesh_and_equals_xla(tmp_path):
+    # The kernels run per device (shard_map) and need the mesh while tracing: setup binds it.
+    # One train step of the shared-prompt layout, splash (interpreted on CPU) against XLA.
+    first = {}
+    for impl in ("xla", "splash"):
+        c = tiny_config(tmp_path / impl, batch_layout="shared_prompt", pack_row_length=256,
+                        pack_rows_per_device=1, attention_implementation=impl, max_steps=1)
+        run = build_lib.build(c)
+        run.checkpointer.close()
+        assert isinstance(run.train_step, setup.UnderMesh) == (impl == "splash")
+        batch = next(iter(run.batcher.batches(0)))
+        _, metrics = run.train_step(run.state, batch)
+        first[impl] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    for k in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert first["splash"][k] == pytest.approx(first["xla"][k], rel=1e-5, abs=1e-6), k
