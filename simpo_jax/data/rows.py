@@ -75,7 +75,16 @@ def load_split(name_or_path: str, split: str, *, role: str, cache_dir: str):
 
 
 def read_file(path: str) -> list:
-    """Rows of a .jsonl/.json/.parquet/.csv file; UserError naming the file (and line) if unreadable."""
+    """Rows of a .jsonl/.json/.parquet/.csv file; UserError naming the file (and line) if
+    unreadable or empty."""
+    rows = _read_any(path)
+    if not len(rows):
+        raise UserError(f"{path} is empty: it holds no rows. Fill it with preference rows, or "
+                        "remove it (or its dataset_mixer entry).")
+    return rows
+
+
+def _read_any(path: str) -> list:
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".jsonl":
@@ -83,6 +92,8 @@ def read_file(path: str) -> list:
         if ext == ".json":
             with open(path, encoding="utf-8") as f:
                 text = f.read()
+            if not text.strip():
+                return []
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as err:
