@@ -102,6 +102,13 @@ def test_empty_file_named_as_empty(name, text, tok, tmp_path, cache_dir):
         pairs_lib.build_datasets(_config(folder, cache_dir), tok)
 
 
+def test_split_without_rows_after_the_mixer_share_named(tok, tmp_path, cache_dir):
+    path = _folder(tmp_path, GOOD)
+    with pytest.raises(UserError, match=rf"^dataset_mixer entry '{path}': split 'train_prefs' has "
+                                        r"no rows after taking its share \(0\.1: "):  # of 6 rows
+        pairs_lib.build_datasets(_config({path: 0.1}, cache_dir), tok)
+
+
 def test_chat_template_refusal_is_one_line(tok, tmp_path, cache_dir):
     path = _folder(tmp_path, GOOD)
     unsafe = "{{ bos_token }}{% for m in messages %}{{ m.content.__class__.__name__ }}{% endfor %}"
