@@ -228,7 +228,7 @@ def _no_rows(name: str, split: str, role: str, amount) -> UserError:
     share = (f" after taking its share ({amount}: a fraction <= 1 of the split, or a row count)"
              if role == "train" else "")
     return UserError(f"dataset_mixer entry {name!r}: split {split!r} has no rows{share}. Give "
-                     "it rows, or raise its share.")
+                     f"it rows{', or raise its share' if share else ''}.")
 
 
 def _no_train_split(name: str, split: str) -> UserError:
