@@ -55,6 +55,10 @@ GOOD = [_uf(f"Please repeat the word: {w}", w, r) for w, r in
         [("apple", "river"), ("green", "house"), ("music", "table"), ("window", "garden"),
          ("yellow", "orange"), ("silver", "winter")]]
 
+DISTINCT = [_uf(f"Please repeat the word: w{i}", f"w{i}", "x") for i in range(100)]
+FRESH = [_uf(f"Please repeat the word: {w}", w, r) for w, r in
+         (("river", "apple"), ("house", "green"))]  # prompts and pairs not in GOOD
+
 
 def _jsonl(path, rows):
     with open(path, "w") as f:
@@ -280,6 +284,7 @@ def test_data_mistakes_are_user_errors(tok, tmp_path, cache_dir):
 # --- Truncation, BOS, EOS, pad == eos ------------------------------------------------------------
 
 LONG = _uf("Please repeat the word: " + " ".join(["apple river green"] * 10) + " end", "end", "apple")
+LONG_SWAPPED = _uf(LONG["prompt"], "apple", "end")  # the same lengths, not a duplicate row
 
 
 def test_truncation_modes(tok, tmp_path, cache_dir):
@@ -311,8 +316,8 @@ def test_truncation_modes(tok, tmp_path, cache_dir):
 
 def test_console_table_shows_truncation_and_warns(tok, tmp_path, cache_dir):
     # 2 of 8 pairs have a prompt over max_prompt_length, leaving 1 token of room for completions.
-    d = pairs_lib.build_datasets(_config(_folder(tmp_path / "a", GOOD + [LONG, LONG]), cache_dir,
-                                        max_prompt_length=20, max_length=21), tok)
+    path = _folder(tmp_path / "a", GOOD + [LONG, LONG_SWAPPED], test=FRESH)
+    d = pairs_lib.build_datasets(_config(path, cache_dir, max_prompt_length=20, max_length=21), tok)
     lines = report_lib.format_report(d.report).splitlines()
     assert lines[0].split() == ["split", "read", "kept", "truncated", "prompts", "truncated",
                                 "completions", "dropped"]
@@ -323,8 +328,8 @@ def test_console_table_shows_truncation_and_warns(tok, tmp_path, cache_dir):
                               "max_prompt_length=20 tokens, 2 completions cut at max_length=21 "
                               "tokens)")
     # 1 truncated pair in 31 (3.2%) is counted but not warned about.
-    d = pairs_lib.build_datasets(_config(_folder(tmp_path / "b", GOOD * 5 + [LONG]), cache_dir,
-                                        max_prompt_length=20), tok)
+    d = pairs_lib.build_datasets(_config(_folder(tmp_path / "b", DISTINCT[:30] + [LONG],
+                                                 test=FRESH), cache_dir, max_prompt_length=20), tok)
     table = report_lib.format_report(d.report)
     assert table.splitlines()[1].split() == ["train", "31", "31", "1", "0", "-"]
     assert "warning" not in table
@@ -459,3 +464,4 @@ def test_from_config_reads_base_fields():
     cfg = pairs_lib.DataConfig.from_config(config)
     assert cfg.dataset_mixer == tuple(dict(config.dataset_mixer).items()) and cfg.max_length == 64
     assert cfg.splits == ("train_prefs", "test_prefs")
+

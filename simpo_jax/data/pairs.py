@@ -12,10 +12,11 @@ import os
 import numpy as np
 
 from simpo_jax.data import padded, report as report_lib, rows
-from simpo_jax.data.tokenize import TokenizeSettings, tokenize_pair
+from simpo_jax.data.tokenize import TemplateRefused, TokenizeSettings, template_error, tokenize_pair
 from simpo_jax.errors import UserError
 
-CACHE_VERSION = "simpo_jax-data-1"  # bump when tokenisation changes, to invalidate caches
+# Bump when tokenisation or its drop rules change, so a cache of the old rules is never reused.
+CACHE_VERSION = "simpo_jax-data-2"  # 2: pairs identical after truncation are dropped
 REPORT_BATCH_SIZE = 16  # pairs per batch for the report's padding efficiency
 
 
@@ -108,25 +109,32 @@ def build_datasets(data_config: DataConfig, tokenizer) -> PreferenceData:
                                truncation_mode=settings.truncation_mode,
                                assistant_header_in=settings.assistant_header_in),
               "splits": {}}
-    result = {}
+    result, digests = {}, {}
     for role, split in (("train", train_split), ("eval", eval_split)):
         records, split_report = rows.read_split(data_config, split, role)
+        digests[role] = report_lib.row_digests(records)
         pairs = _tokenize(records, split_report, tokenizer, settings, data_config)
         split_report.update(report_lib.length_stats(pairs))
         result[role] = pairs
         report["splits"][role] = split_report
+    report_lib.count_repeats(report, digests)
     report_lib.check_dropped(report, data_config.max_dropped_fraction)
     if not result["train"].num_pairs:
-        train = report["splits"]["train"]
-        why = (f"all {train['rows_read']} rows were dropped ({report_lib.reasons(train)})"
-               if train["rows_read"] else "it has no rows")
-        raise UserError(f"No training pairs in split {train_split!r} of dataset_mixer "
-                        f"{dict(data_config.dataset_mixer)}: {why}. Fix the data or choose "
-                        "data_format.")
+        raise _no_train_pairs(report, train_split, data_config)
     report["padding_efficiency"] = _padding_report(result, pad_id, data_config)
     fingerprint = result["train"].fingerprint()
     report["fingerprint"] = fingerprint
     return PreferenceData(result["train"], result["eval"], report, pad_id, fingerprint)
+
+
+def _no_train_pairs(report: dict, train_split: str, data_config: DataConfig) -> UserError:
+    train = report["splits"]["train"]
+    why = (f"all {train['rows_read']} rows were dropped ({report_lib.reasons(train)})"
+           if train["rows_read"] else "it has no rows")
+    fix = ("Fix the data or choose data_format" if not train["dropped_by_length_budget"] else
+           report_lib.budget_advice(report["settings"]).capitalize())
+    return UserError(f"No training pairs in split {train_split!r} of dataset_mixer "
+                     f"{dict(data_config.dataset_mixer)}: {why}. {fix}.")
 
 
 def _tokenize(records: list, report: dict, tokenizer, settings, data_config) -> TokenizedPairs:
@@ -145,12 +153,15 @@ def _tokenize(records: list, report: dict, tokenizer, settings, data_config) -> 
                              "simpo_jax_tokenized")
     os.makedirs(cache_dir, exist_ok=True)
     workers = data_config.preprocessing_num_workers
-    ds = datasets.Dataset.from_list(records).map(
-        tokenize_pair, fn_kwargs=dict(tokenizer=tokenizer, settings=settings),
-        remove_columns=["chat", "prompt", "chosen", "rejected"],
-        num_proc=workers if workers > 1 and len(records) >= 2 * workers else None,
-        cache_file_name=os.path.join(cache_dir, f"{key}.arrow"), new_fingerprint=key,
-        load_from_cache_file=True, desc="Tokenizing preference pairs")
+    try:
+        ds = datasets.Dataset.from_list(records).map(
+            tokenize_pair, fn_kwargs=dict(tokenizer=tokenizer, settings=settings),
+            remove_columns=["chat", "prompt", "chosen", "rejected"],
+            num_proc=workers if workers > 1 and len(records) >= 2 * workers else None,
+            cache_file_name=os.path.join(cache_dir, f"{key}.arrow"), new_fingerprint=key,
+            load_from_cache_file=True, desc="Tokenizing preference pairs")
+    except TemplateRefused as err:
+        raise template_error(err, data_config.chat_template, tokenizer) from None
     columns = ds.to_dict()
     pairs = TokenizedPairs([], [], [], [])
     for i, reason in enumerate(columns["drop_reason"]):

@@ -63,19 +63,29 @@ def load_split(name_or_path: str, split: str, *, role: str, cache_dir: str):
         return _load_hub(name_or_path, split, cache_dir)
     if os.path.isfile(local):
         # A single file is the training split only.
-        return read_file(local) if role == "train" else None
+        return _read_data_file(local) if role == "train" else None
     if _is_saved_dataset(local):
         return _load_saved(local, split, role)
     for stem in (split, role):
         for ext in FILE_EXTENSIONS:
             candidate = os.path.join(local, stem + ext)
             if os.path.isfile(candidate):
-                return read_file(candidate)
+                return _read_data_file(candidate)
     return None
 
 
+def _read_data_file(path: str) -> list:
+    """read_file for a data set's split: an empty file (no rows, or only whitespace) is an error."""
+    rows = read_file(path)
+    if not len(rows):
+        raise UserError(f"{path} is empty: it holds no rows. Fill it with preference rows, or "
+                        "remove it (or its dataset_mixer entry).")
+    return rows
+
+
 def read_file(path: str) -> list:
-    """Rows of a .jsonl/.json/.parquet/.csv file; UserError naming the file (and line) if unreadable."""
+    """Rows of a .jsonl/.json/.parquet/.csv file ([] if it has none); UserError naming the file
+    (and line) if unreadable."""
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".jsonl":
@@ -83,6 +93,8 @@ def read_file(path: str) -> list:
         if ext == ".json":
             with open(path, encoding="utf-8") as f:
                 text = f.read()
+            if not text.strip():
+                return []
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as err:
@@ -193,6 +205,8 @@ def read_split(data_config, split, role: str):
             raise _no_train_split(name, split)
         if rows is None:
             continue
+        if not len(rows):
+            raise _no_rows(name, split, role, dict(data_config.dataset_mixer)[name])
         fmt = formats.detect_format(rows, data_config.data_format)
         split_report["formats"][name] = fmt
         for i, row in enumerate(rows):
@@ -208,6 +222,13 @@ def read_split(data_config, split, role: str):
             rec["source"] = label
             records.append(rec)
     return records, split_report
+
+
+def _no_rows(name: str, split: str, role: str, amount) -> UserError:
+    share = (f" after taking its share ({amount}: a fraction <= 1 of the split, or a row count)"
+             if role == "train" else "")
+    return UserError(f"dataset_mixer entry {name!r}: split {split!r} has no rows{share}. Give "
+                     f"it rows{', or raise its share' if share else ''}.")
 
 
 def _no_train_split(name: str, split: str) -> UserError:

@@ -90,9 +90,19 @@ def tokenize_pair(record: dict, tokenizer, settings: TokenizeSettings) -> dict:
     completion_truncated = max(len(chosen), len(rejected)) > room
     chosen, rejected = chosen[:room], rejected[:room]  # completions keep their start
     return dict(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
-                drop_reason="" if chosen and rejected else "empty_after_truncation",
+                drop_reason=_drop_reason(chosen, rejected, completion_truncated),
                 prompt_truncated=prompt_truncated, completion_truncated=completion_truncated,
                 boundary_merge=merged)
+
+
+def _drop_reason(chosen: list, rejected: list, truncated: bool) -> str:
+    """Why a tokenised pair cannot train ("" when it can): nothing left, or nothing to tell apart
+    (a zero margin whatever the model); token-identical without truncation is a data fault."""
+    if not chosen or not rejected:
+        return "empty_after_truncation"
+    if chosen == rejected:
+        return "identical_after_truncation" if truncated else "identical_chosen_rejected"
+    return ""
 
 
 def truncate_prompt(ids: list, max_prompt_length: int, mode: str, bos_id) -> list:
@@ -113,7 +123,7 @@ def prompt_token_ids(tokenizer, messages: list, max_prompt_length: int, truncati
     if not tokenizer.chat_template:
         raise UserError("The policy's tokenizer has no chat template: set config.chat_template "
                         "(e.g. 'alignment_handbook' or a .jinja file).")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, True)
     ids = one_bos(_encode(tokenizer, text), tokenizer.bos_token_id)
     truncated = len(ids) > max_prompt_length
     ids = truncate_prompt(ids, max_prompt_length, truncation_mode, tokenizer.bos_token_id)
@@ -128,8 +138,7 @@ def _chat_ids(record: dict, tokenizer, settings: TokenizeSettings):
     """
     messages = json.loads(record["prompt"])
     bos = tokenizer.bos_token_id
-    render = lambda msgs, gen: one_bos(_encode(tokenizer, tokenizer.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=gen)), bos)
+    render = lambda msgs, gen: one_bos(_encode(tokenizer, render_chat(tokenizer, msgs, gen)), bos)
     prompt = render(messages, True)
     full_chosen = render(messages + [{"role": "assistant", "content": record["chosen"]}], False)
     full_rejected = render(messages + [{"role": "assistant", "content": record["rejected"]}], False)
@@ -139,6 +148,49 @@ def _chat_ids(record: dict, tokenizer, settings: TokenizeSettings):
         # Original SimPO scripts: the assistant header (generation prompt) is scored text.
         cut = min(cut, _common_prefix(render(messages, False), prompt))
     return prompt[:cut], full_chosen[cut:], full_rejected[cut:], merged
+
+
+SANDBOX_RULES = ("templates run in Jinja's immutable sandbox: no '_' attributes, no list or dict "
+                 "changes")
+
+
+class TemplateRefused(UserError):
+    """The chat template fails to render: Jinja's sandbox refused it, or it raised an error.
+
+    `detail` is the one-line cause; pickles across the tokenising worker processes.
+    """
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return (f"The chat template cannot be rendered: {self.detail}; fix it or set "
+                f"config.chat_template (e.g. 'alignment_handbook' or a .jinja file) "
+                f"({SANDBOX_RULES}).")
+
+
+def template_error(err: TemplateRefused, chat_template: str, tokenizer) -> UserError:
+    """The one line for a refused template, naming config.chat_template or the tokenizer's."""
+    if chat_template:
+        short = chat_template if len(chat_template) <= 100 else chat_template[:97] + "..."
+        source, fix = f"config.chat_template={short!r}", "fix it or choose another chat_template"
+    else:
+        source = f"The chat template of the tokenizer loaded from {tokenizer.name_or_path!r}"
+        fix = ("fix chat_template in its tokenizer_config.json or set config.chat_template (e.g. "
+               "'alignment_handbook' or a .jinja file)")
+    return UserError(f"{source} cannot be rendered: {err.detail}; {fix} ({SANDBOX_RULES}).")
+
+
+def render_chat(tokenizer, messages: list, add_generation_prompt: bool) -> str:
+    """The chat template applied to `messages`, as text; TemplateRefused for Jinja's errors."""
+    import jinja2
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as err:
+        detail = " ".join(str(err).split())[:300].rstrip(".")
+        raise TemplateRefused(f"{type(err).__name__}: {detail}") from None
 
 
 def _encode(tokenizer, text: str) -> list:
