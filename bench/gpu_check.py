@@ -2,7 +2,7 @@
 
     python3 bench/gpu_check.py            # on a machine with one NVIDIA GPU, ~3-5 min
     python3 bench/gpu_check.py throughput # one part only (correctness / throughput)
-    python3 bench/gpu_check.py --dry-run  # tiny sizes, seconds on CPU: the suite runs it
+    python3 bench/gpu_check.py --dry-run  # tiny sizes, ~1 min on CPU (the compiles): tests run it
 
 Part 1 (correctness): per-pair average completion log-probabilities of the packed and
 shared-prompt rows against the padded batch, on the GPU, for float32 XLA attention (matmuls at
@@ -225,7 +225,7 @@ def main(argv=None):
     parser.add_argument("parts", nargs="*", metavar="PART",
                         help=f"which of {', '.join(PARTS)} to run (default: both)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="every size shrunk (a 1-layer 32-wide model, two steps): seconds")
+                        help="every size shrunk (a 1-layer 32-wide model, two steps); figures meaningless")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
