@@ -225,7 +225,8 @@ def main(argv=None):
     parser.add_argument("parts", nargs="*", metavar="PART",
                         help=f"which of {', '.join(PARTS)} to run (default: both)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="every size shrunk (a 1-layer 32-wide model, two steps); figures meaningless")
+                        help="every size shrunk (a 1-layer 32-wide model, two steps); "
+                             "figures meaningless")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
