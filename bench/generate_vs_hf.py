@@ -2,6 +2,7 @@
 
     python bench/generate_vs_hf.py                     # CPU, ~2-4 min on 2 cores
     python bench/generate_vs_hf.py --batch 64 --new 256 --hidden 1024 --layers 8   # accelerator
+    python bench/generate_vs_hf.py --dry-run           # tiny sizes, ~15 s on CPU: tests run it
 
 Both sides load the same locally made Hugging Face Llama (default ~20M parameters, 32k vocabulary,
 float32) and sample with temperature 0.8 and top-p 0.95 from the same left-padded random prompts.
@@ -31,10 +32,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from simpo_jax import models  # noqa: E402
+from simpo_jax.models import generate  # noqa: E402
 from simpo_jax.onpolicy import sampling  # noqa: E402
 
 
-def main():
+DRY_RUN = dict(batch=2, prompt=8, new=4, hidden=64, layers=1, vocab=256, repeats=1)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16, help="rows sampled at once")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (longest)")
@@ -44,8 +49,16 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 on both sides")
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"the same code path at tiny sizes ({DRY_RUN}); figures meaningless")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        vars(args).update(DRY_RUN)
+    return args
 
+
+def make_models(args):
+    """The same random Hugging Face Llama twice: transformers' and ours (loaded from its folder)."""
     import transformers
 
     torch.manual_seed(0)
@@ -58,14 +71,17 @@ def main():
     hf = transformers.LlamaForCausalLM(config).eval().to(device, dtype=dtype)
     folder = tempfile.mkdtemp()
     hf.save_pretrained(folder)
-    params = sum(p.numel() for p in hf.parameters())
     ours = models.from_pretrained(folder, dtype=jax.numpy.bfloat16 if args.bf16 else
                                   jax.numpy.float32)
+    return hf, ours
 
+
+def make_runners(args, hf, ours):
+    """Prompt lengths and one sampling call per side, each checking it made args.new tokens."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(args.prompt // 2, args.prompt + 1, args.batch)
     prompts = [[1] + list(map(int, rng.integers(3, args.vocab, n - 1))) for n in lengths]
-    ids, mask = sampling.left_pad(prompts, 0, args.prompt)
+    ids, mask = generate.left_pad(prompts, 0, args.prompt)
     keys = sampling.row_keys(np.full(args.batch, 13), np.arange(args.batch))
     eos = args.vocab + 7  # never drawn: every row makes args.new tokens
 
@@ -84,18 +100,27 @@ def main():
                               eos_token_id=None)
         assert out.shape[1] == args.prompt + args.new
 
+    return lengths, {"simpo_jax": run_ours, "transformers": run_hf}
+
+
+def time_runs(runners, repeats):
+    """Our compile + first run in seconds, and each side's run times, interleaved after warm-up."""
     start = time.perf_counter()
-    run_ours()
+    runners["simpo_jax"]()
     compile_s = time.perf_counter() - start
-    run_hf()  # warm-up
-    times = {"simpo_jax": [], "transformers": []}
-    for _ in range(args.repeats):
-        for name, fn in (("simpo_jax", run_ours), ("transformers", run_hf)):
+    runners["transformers"]()  # warm-up
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
             start = time.perf_counter()
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
+    return compile_s, times
+
+
+def report(args, params, lengths, compile_s, times):
     tokens = args.batch * args.new
     print(f"device: {jax.devices()[0].platform} (jax) / {device} (torch); threads: torch "
           f"{torch.get_num_threads()}; model: llama {params / 1e6:.1f}M parameters, hidden "
@@ -110,6 +135,17 @@ def main():
         print(f"{name:>13}: {statistics.median(t):7.2f}s  {rates[name]:9.1f} new tokens/s  "
               f"(runs: {', '.join(f'{x:.2f}' for x in t)})")
     print(f"ratio simpo_jax / transformers: {rates['simpo_jax'] / rates['transformers']:.2f}x")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        print("dry run: sizes shrunk, figures meaningless", flush=True)
+    hf, ours = make_models(args)
+    params = sum(p.numel() for p in hf.parameters())
+    lengths, runners = make_runners(args, hf, ours)
+    compile_s, times = time_runs(runners, args.repeats)
+    report(args, params, lengths, compile_s, times)
 
 
 device = "cuda" if torch.cuda.is_available() else "cpu"

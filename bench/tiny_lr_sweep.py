@@ -3,6 +3,7 @@
     python bench/tiny_lr_sweep.py                      # ~12 min on 2 cores
     python bench/tiny_lr_sweep.py --steps 60 --rates 1e-4 1e-3 1e-2
     python bench/tiny_lr_sweep.py --set model_name_or_path=assets/tiny_sft --set model_init={}
+    python bench/tiny_lr_sweep.py --dry-run            # 2 rates x 3 steps, 5-step lr_find
 
 Each rate trains the tiny config (configs/tiny.py, its own schedule and batch) for --steps steps
 from the same initial weights and reports the final eval loss and reward accuracy; a rate
@@ -56,8 +57,12 @@ def short_run(rate: float, steps: int, out: str, overrides: list[str]) -> dict:
             "accuracy": evals[-1]["eval_rewards/accuracies"]}
 
 
-def main():
-    parser = argparse.ArgumentParser()
+DRY_RUN = dict(steps=3, rates=[1e-3, 1e-2])
+DRY_RUN_SET = ["lr_find_steps=5"]  # the fewest the range test's suggestion allows, and a margin
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rates", type=float, nargs="+",
                         default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
@@ -65,7 +70,19 @@ def main():
     parser.add_argument("--skip-lr-find", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for every run, e.g. learning_rate=1e-4")
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"the same runs, tiny: {DRY_RUN} and {DRY_RUN_SET}")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        vars(args).update(DRY_RUN)
+        args.set = args.set + DRY_RUN_SET
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        print("dry run: sizes shrunk, figures meaningless", flush=True)
     tmp = tempfile.mkdtemp(prefix="tiny_lr_sweep_")
     results = {}
     for rate in args.rates:
