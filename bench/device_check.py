@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
-from gpu_check import random_pairs  # noqa: E402
+from gpu_check import Sizes, random_pairs  # noqa: E402
 from simpo_jax import flops, models, optim  # noqa: E402
 from simpo_jax import loss as loss_lib  # noqa: E402
 from simpo_jax import sharding as sharding_lib  # noqa: E402
@@ -125,7 +125,8 @@ def main(argv=None):
     steps = 1 if args.dry_run else args.steps
     impls = args.impls.split(",") if args.impls else ["xla", KERNEL.get(backend, "splash")]
     arch, _ = models.arch_from_hf_config(config)
-    pairs = random_pairs(256, seed=1, lo=row_length // 40, hi=row_length // 7)
+    lengths = (row_length // 40, row_length // 7)
+    pairs = random_pairs(256, seed=1, sizes=Sizes(small=config, large=config, lengths=lengths))
     seq_len = int(np.mean([len(p) + len(c) for p, c in zip(pairs.prompt_ids, pairs.chosen_ids)]))
     per_token = flops.model_flops_per_token(arch, seq_len=seq_len)
     peak, source = flops.peak_flops_per_device(jax.devices()[0], jnp.bfloat16)

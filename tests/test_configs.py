@@ -307,9 +307,9 @@ def test_validated_config_holds_enums_that_read_as_their_strings():
 
 
 def test_choice_lists_live_in_the_schema():
-    from simpo_jax import lora, precision, report, step
+    from simpo_jax import data, lora, precision, report
     from simpo_jax.config import choices
-    from simpo_jax.data import formats
+    from simpo_jax.data import formats, tokenize
     from simpo_jax.models import decoder, layers
 
     assert precision.MASTER_WEIGHTS == ("float32", "bfloat16_stochastic", "bfloat16_kahan")
@@ -320,8 +320,10 @@ def test_choice_lists_live_in_the_schema():
                           (formats.FORMATS, choices.DataFormat),
                           (decoder.REMAT_POLICIES[1:], choices.RematPolicy),
                           (layers.ATTENTION_IMPLS, choices.AttentionImplementation),
-                          (step.BATCH_LAYOUTS, choices.BatchLayout),
-                          (report.SINKS, choices.ReportSink)]:
+                          (data.LAYOUTS, choices.BatchLayout),
+                          (report.SINKS, choices.ReportSink),
+                          (tokenize.TRUNCATION_MODES, choices.TruncationMode),
+                          (tokenize.ASSISTANT_HEADER_IN, choices.AssistantHeaderIn)]:
         assert owned == choice.values() and all(type(v) is str for v in owned)
 
 
