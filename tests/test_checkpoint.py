@@ -18,6 +18,7 @@ import pytest
 
 from simpo_jax import build, train
 from simpo_jax import checkpoint as ckpt_lib
+from simpo_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,12 +241,12 @@ def test_every_checkpoint_damaged_is_an_error_that_deletes_nothing(checkpoints, 
     cut_short(data_file(checkpoints / "20"))
     (checkpoints / "10" / "meta" / "metadata").write_text("")
     checkpointer = ckpt_lib.Checkpointer(str(checkpoints), save_total_limit=1)
-    with pytest.raises(RuntimeError, match=r"Every checkpoint in .*checkpoints is damaged on disk "
+    with pytest.raises(UserError, match=r"Every checkpoint in .*checkpoints is damaged on disk "
                        r"\(20: .*OUT_OF_RANGE.*; 10: meta/metadata is not valid JSON\)\. Nothing "
                        "was deleted.*new output_dir.*resume_from"):
         checkpointer.restore(abstract_state())
     assert sorted(os.listdir(checkpoints)) == ["10", "20"]
-    with pytest.raises(RuntimeError, match=r"/10 is damaged on disk: meta/metadata"):
+    with pytest.raises(UserError, match=r"/10 is damaged on disk: meta/metadata"):
         checkpointer.restore(abstract_state(), step=10)  # an explicit step is never skipped
     checkpointer.close()
 
@@ -300,7 +301,7 @@ def test_every_checkpoint_damaged_stops_instead_of_starting_over(uninterrupted, 
     shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
     for step in ("10", "20"):
         (out / "checkpoints" / step / "state" / "_METADATA").write_text("")
-    with pytest.raises(RuntimeError, match="Every checkpoint in .* is damaged on disk"):
+    with pytest.raises(UserError, match="Every checkpoint in .* is damaged on disk"):
         build.build(tiny_config(out), with_data=False)
     assert sorted(os.listdir(out / "checkpoints")) == ["10", "20"]
 
