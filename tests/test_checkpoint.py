@@ -388,6 +388,50 @@ def test_every_checkpoint_damaged_stops_instead_of_starting_over(uninterrupted, 
 
 
 @pytest.mark.slow
+def test_every_checkpoint_damaged_is_one_line_from_run_py(uninterrupted, tmp_path, capsys):
+    from simpo_jax import cli
+
+    out = tmp_path / "all_damaged"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    overwrite_random_bytes(data_file(out / "checkpoints" / "20"), np.random.default_rng(3))
+    garble(out / "checkpoints" / "10" / "state" / "array_metadatas" / "process_0")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(tiny_config(out), "export")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("run.py: error:")]
+    assert f"Every checkpoint in {out / 'checkpoints'} is damaged on disk (20: " in line
+    assert "checksums" in line and "array_metadatas/process_0 is not valid JSON" in line
+    assert "new output_dir" in line and "Traceback" not in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["10", "20"]
+
+
+@pytest.mark.slow
+def test_export_and_eval_of_a_damaged_latest_step_use_the_previous(uninterrupted, tmp_path,
+                                                                    capsys, caplog):
+    """Export and eval restore as a resume does: the damaged step is set aside, named in a
+    warning, and the step they name in their own output is the previous one."""
+    from simpo_jax import evaluation
+
+    exported = tmp_path / "export_run"
+    shutil.copytree(uninterrupted / "checkpoints", exported / "checkpoints")
+    overwrite_random_bytes(data_file(exported / "checkpoints" / "20"), np.random.default_rng(4))
+    with caplog.at_level(logging.WARNING, logger="simpo_jax.checkpoint"):
+        train.export_checkpoint(tiny_config(exported, export_dir=str(tmp_path / "hf")))
+    assert f"Exported step 10 to {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert any("20: it is damaged on disk" in r.message and "checksums" in r.message
+               for r in caplog.records)
+    assert sorted(os.listdir(exported / "checkpoints")) == ["10", "20.damaged"]
+
+    evaluated = tmp_path / "eval_run"  # item 13 on the real train state
+    shutil.copytree(uninterrupted / "checkpoints", evaluated / "checkpoints")
+    os.remove(evaluated / "checkpoints" / "20" / "state" / "_METADATA")
+    evaluation.evaluate_checkpoint(tiny_config(evaluated))
+    assert f"eval of checkpoint {evaluated / 'checkpoints'}/10" in capsys.readouterr().out
+    assert sorted(os.listdir(evaluated / "checkpoints")) == ["10", "20.damaged"]
+
+
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(uninterrupted):
     a, _ = final_params(uninterrupted)
     b, step = final_params(uninterrupted, mesh_data=2, mesh_fsdp=2, mesh_tensor=2)
