@@ -58,3 +58,17 @@ def test_every_dtype_of_a_state_has_a_checksum():
     assert set(sums) == {f"['{k}']" for k in state} and all(0 <= v < 2**32 for v in sums.values())
     state["bf16"] = state["bf16"].at[3, 4].add(1)
     assert checksum.checksums(state)["['bf16']"] != sums["['bf16']"]
+
+
+def test_the_cost_bench_runs(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "checkpoint_checksum.py")
+    spec = importlib.util.spec_from_file_location("checkpoint_checksum", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    times = bench.main(["--dry-run"])
+    assert {"checksum", "save returns, checked", "restore, checked"} <= set(times)
+    assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in times.values())
+    assert "| checksum |" in capsys.readouterr().out
