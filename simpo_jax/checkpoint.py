@@ -1,9 +1,11 @@
 """Orbax checkpoints of the train state plus a JSON record of what produced them.
 
 A checkpoint is written to a temporary directory and renamed when complete (orbax's atomic
-finalisation), so a save interrupted by preemption is never listed. Restoring skips, with a warning,
-only a checkpoint damaged on disk (a file missing, short or undecodable); any other failure (an I/O
-error, out of memory, a target that does not fit) stops the run, and so does damage to every one.
+finalisation), so a save interrupted by preemption is never listed. The meta holds a checksum of
+every array (simpo_jax.checksum), finalised with the arrays. Restoring skips, with a warning, only
+a checkpoint damaged on disk (a file missing, short or undecodable, or an array whose checksum no
+longer matches); any other failure (an I/O error, out of memory, a target that does not fit) stops
+the run, and so does damage to every one.
 The data position is the step itself: the data order is a pure function of (seed, step).
 """
 
@@ -22,6 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from simpo_jax import checksum
+from simpo_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # tensorstore raises ValueError("<absl status code>: ...") and reports bytes that are missing,
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 DAMAGE_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION")
 OS_ERROR_MARKERS = ("os_error_code=", "[OS error")
 ARRAY_TYPES = ("jax.Array", "np.ndarray")  # tree_metadata value types stored as zarr arrays
+CHECKSUMS = "checksums"  # the meta key of {"algorithm": ..., "arrays": {leaf path: checksum}}
 
 
 def saved_steps(directory: str) -> list[int]:
@@ -58,9 +64,15 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Starts an asynchronous save; `wait` or the next save blocks until it is complete."""
+        """Starts an asynchronous save; `wait` or the next save blocks until it is complete.
+
+        The checksums are computed on device first (every process takes part), so they describe
+        exactly the arrays orbax then copies and writes in the background.
+        """
+        sums = {"algorithm": checksum.ALGORITHM, "arrays": checksum.checksums(state)}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, CHECKSUMS: sums})),
+            force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -69,7 +81,14 @@ class Checkpointer:
         return saved_steps(self.directory)
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        """The meta saved with `step`, without the checksums."""
+        return self._read_meta(step)[0]
+
+    def _read_meta(self, step: int) -> tuple[dict, dict | None]:
+        """(meta as saved, {"algorithm", "arrays"} or None for a checkpoint without checksums)."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        return meta, meta.pop(CHECKSUMS, None)
 
     def restore(self, abstract_state: Any, step: int | None = None,
                 check: Callable[[int, dict], None] | None = None) -> tuple[int, Any, dict] | None:
@@ -86,9 +105,9 @@ class Checkpointer:
         if step is not None:
             loaded, reason = self._load(step, abstract_state, check)
             if reason:
-                raise RuntimeError(f"Checkpoint {self.directory}/{step} is damaged on disk: "
-                                   f"{reason}. Nothing was deleted; set config.resume_from to "
-                                   "another step folder.")
+                raise UserError(f"Checkpoint {self.directory}/{step} is damaged on disk: "
+                                f"{reason}. Nothing was deleted; set config.resume_from to "
+                                "another step folder.")
             return (step, *loaded)
         damaged = {}
         for s in reversed(self.steps()):
@@ -102,7 +121,7 @@ class Checkpointer:
             return (s, *loaded)
         if damaged:
             listed = "; ".join(f"{s}: {r}" for s, r in damaged.items())
-            raise RuntimeError(
+            raise UserError(
                 f"Every checkpoint in {self.directory} is damaged on disk ({listed}). Nothing was "
                 "deleted. To start from the configured weights, move these step folders away or "
                 "use a new output_dir; to resume from a copy elsewhere, set config.resume_from to "
@@ -113,7 +132,7 @@ class Checkpointer:
         """((state, meta), "") or (None, why the checkpoint is damaged); other failures raise."""
         try:
             reason = self.damage_on_disk(step)
-            meta = None if reason else self.read_meta(step)
+            meta, sums = (None, None) if reason else self._read_meta(step)
         except Exception as e:
             raise self._failed(step, e) from e
         if reason:
@@ -121,20 +140,35 @@ class Checkpointer:
         if check is not None:
             check(step, meta)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))
+            state = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:
             if is_damage(e):
                 return None, _summary(e)
             raise self._failed(step, e) from e
-        return (restored["state"], meta), ""
+        reason = self._verify(step, state, sums)
+        return (None, reason) if reason else ((state, meta), "")
+
+    def _verify(self, step: int, state: Any, sums: dict | None) -> str:
+        """Why the restored arrays differ from the ones saved, or "" (also when nothing to check)."""
+        if sums is None or sums.get("algorithm") != checksum.ALGORITHM:
+            log.info("Checkpoint %s/%d has no checksums of a kind this version knows (%s): "
+                     "restored without verifying its arrays.", self.directory, step,
+                     "written before simpo_jax saved them" if sums is None else sums.get("algorithm"))
+            return ""
+        saved, now = sums["arrays"], checksum.checksums(state)
+        changed = [path for path, value in now.items() if saved.get(path) != value]
+        if not changed:
+            return ""
+        return (f"{len(changed)} of its {len(now)} arrays do not match the checksums saved with "
+                f"them ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})")
 
     def damage_on_disk(self, step: int) -> str:
         """Why checkpoint `step` is damaged on disk, or "": reads metadata and index, not arrays.
 
-        Damage: meta/metadata or state/_METADATA missing or not JSON, state/ or its OCDBT manifest
-        missing, an index that does not decode, an array state/_METADATA lists absent from the
-        index. An I/O error other than a missing file raises.
+        Damage: meta/metadata or state/_METADATA missing or not JSON, a state/array_metadatas file
+        not JSON, state/ or its OCDBT manifest missing, an index that does not decode, an array
+        state/_METADATA lists absent from the index. An I/O error other than a missing file raises.
         """
         folder = os.path.join(self.directory, str(step))
         _, reason = _read_json(folder, "meta/metadata")
@@ -143,10 +177,12 @@ class Checkpointer:
         state = os.path.join(folder, "state")
         if not os.path.isdir(state):
             return "state/ is missing"
-        tree, reason = _read_json(folder, "state/_METADATA", optional=True)
+        tree, reason = _read_json(folder, "state/_METADATA")  # the tree orbax restores into
+        for name in sorted(_listdir(os.path.join(state, "array_metadatas"))):
+            reason = reason or _read_json(folder, f"state/array_metadatas/{name}")[1]
         if reason:
             return reason
-        tree = tree if isinstance(tree, dict) else {}  # orbax rebuilds a missing _METADATA
+        tree = tree if isinstance(tree, dict) else {}
         has_manifest = os.path.exists(os.path.join(state, "manifest.ocdbt"))
         use_ocdbt = tree.get("use_ocdbt", has_manifest)
         if use_ocdbt and not has_manifest:
@@ -231,15 +267,23 @@ def _chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
-def _read_json(folder: str, name: str, optional: bool = False) -> tuple[Any, str]:
-    """(content, "") or (None, why the file is damaged); a missing optional file is (None, "")."""
+def _read_json(folder: str, name: str) -> tuple[Any, str]:
+    """(content, "") or (None, why the file is missing or damaged)."""
     try:
         with open(os.path.join(folder, name), "rb") as f:
             return json.loads(f.read()), ""
     except (FileNotFoundError, NotADirectoryError):
-        return None, "" if optional else f"{name} is missing"
+        return None, f"{name} is missing"
     except ValueError:  # JSONDecodeError, UnicodeDecodeError
         return None, f"{name} is not valid JSON"
+
+
+def _listdir(folder: str) -> list[str]:
+    """The names in `folder`; none when it does not exist (older orbax writes no such folder)."""
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _summary(error: BaseException) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from simpo_jax import build, train
 from simpo_jax import checkpoint as ckpt_lib
+from simpo_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,6 +109,24 @@ def overwrite(path, tail_only=False):
         f.write(b"\x13" * (16 if tail_only else os.path.getsize(path)))
 
 
+def overwrite_random_bytes(path, rng):
+    """XORs 1-64 bytes at a random offset of `path` with nonzero bytes, so every one changes."""
+    size = os.path.getsize(path)
+    n = min(int(rng.integers(1, 65)), size)
+    offset = int(rng.integers(0, size - n + 1))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ int(x) for b, x in zip(old, rng.integers(1, 256, n))))
+
+
+def garble(path):
+    with open(path, "r+b") as f:
+        f.seek(5)
+        f.write(b"\x00garbled")
+
+
 def unlist_an_array(step_dir):
     path = step_dir / "state" / "_METADATA"
     tree = json.loads(path.read_text())
@@ -130,6 +149,13 @@ DAMAGE = {  # how a step folder can be damaged on disk -> words the skip warning
     "state metadata emptied": (lambda d: (d / "state" / "_METADATA").write_text(""),
                                "state/_METADATA is not valid JSON"),
     "state deleted": (lambda d: shutil.rmtree(d / "state"), "state/ is missing"),
+    "state metadata deleted": (lambda d: os.remove(d / "state" / "_METADATA"),
+                               "state/_METADATA is missing"),
+    "array metadata garbled": (lambda d: garble(d / "state" / "array_metadatas" / "process_0"),
+                               "state/array_metadatas/process_0 is not valid JSON"),
+    "array bytes overwritten": (lambda d: overwrite_random_bytes(data_file(d),
+                                                                 np.random.default_rng(1)),
+                                "do not match the checksums saved with them (['big'])"),
     "array not in index": (unlist_an_array, "1 of the 3 arrays"),
 }
 
@@ -169,6 +195,62 @@ def test_damaged_newest_is_set_aside_and_the_previous_restores(checkpoints, dama
     assert sorted(os.listdir(checkpoints)) == ["20", "20.damaged"]
     assert checkpointer.restore(abstract_state())[0] == 20
     checkpointer.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_overwritten_bytes_never_restore(two_steps, tmp_path, caplog, abandoned_reads):
+    """The issue's 1-64 overwritten bytes in ocdbt.process_0/d/*, at seeded random offsets.
+
+    Bytes of array data set the step aside (a checksum mismatch, or a chunk that no longer
+    decompresses). The small files beside the data hold process 0's own index, which orbax
+    merges into state/d when it finalises the step and never reads again: bytes changed there
+    leave the step intact, so it restores exactly.
+    """
+    rng = np.random.default_rng(26)
+    saved = {s: np.asarray(small_state()["big"]) + s for s in (10, 20)}
+    for trial in range(16):
+        folder = tmp_path / str(trial)
+        shutil.copytree(two_steps, folder)
+        files = sorted(glob.glob(str(folder / "20" / "state" / "ocdbt.process_0" / "d" / "*")))
+        data = data_file(folder / "20")
+        path = data if trial % 4 else files[trial // 4 % len(files)]  # 3 in 4 trials hit data
+        overwrite_random_bytes(path, rng)
+        checkpointer = ckpt_lib.Checkpointer(str(folder), save_total_limit=0)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="simpo_jax.checkpoint"):
+            step, state, meta = checkpointer.restore(abstract_state())
+        checkpointer.close()
+        np.testing.assert_array_equal(state["big"], saved[step])
+        assert meta == {"step": step}
+        if path == data:
+            assert step == 10, trial
+            assert sorted(os.listdir(folder)) == ["10", "20.damaged"]
+            assert any(f"{folder}/20: it is damaged on disk" in r.message for r in caplog.records)
+
+
+def test_checksums_are_saved_in_the_meta_and_not_returned_with_it(two_steps):
+    raw = json.loads((two_steps / "20" / "meta" / "metadata").read_text())
+    assert raw["checksums"]["algorithm"] == ckpt_lib.checksum.ALGORITHM
+    assert set(raw["checksums"]["arrays"]) == {"['big']", "['count']"}
+    checkpointer = ckpt_lib.Checkpointer(str(two_steps), save_total_limit=0)
+    assert checkpointer.read_meta(20) == {"step": 20}
+    checkpointer.close()
+
+
+def test_a_checkpoint_without_checksums_restores_with_a_note(tmp_path, caplog):
+    import orbax.checkpoint as ocp
+
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path), save_total_limit=0)
+    checkpointer.manager.save(10, args=ocp.args.Composite(  # as simpo_jax saved before checksums
+        state=ocp.args.StandardSave(small_state()), meta=ocp.args.JsonSave({"step": 10})))
+    checkpointer.wait()
+    with caplog.at_level(logging.INFO, logger="simpo_jax.checkpoint"):
+        step, state, meta = checkpointer.restore(abstract_state())
+    checkpointer.close()
+    assert (step, meta) == (10, {"step": 10})
+    np.testing.assert_array_equal(state["big"], np.asarray(small_state()["big"]))
+    notes = [r.message for r in caplog.records if "has no checksums" in r.message]
+    assert len(notes) == 1 and "written before simpo_jax saved them" in notes[0]
 
 
 def tensorstore_error(text):
@@ -240,12 +322,12 @@ def test_every_checkpoint_damaged_is_an_error_that_deletes_nothing(checkpoints, 
     cut_short(data_file(checkpoints / "20"))
     (checkpoints / "10" / "meta" / "metadata").write_text("")
     checkpointer = ckpt_lib.Checkpointer(str(checkpoints), save_total_limit=1)
-    with pytest.raises(RuntimeError, match=r"Every checkpoint in .*checkpoints is damaged on disk "
+    with pytest.raises(UserError, match=r"Every checkpoint in .*checkpoints is damaged on disk "
                        r"\(20: .*OUT_OF_RANGE.*; 10: meta/metadata is not valid JSON\)\. Nothing "
                        "was deleted.*new output_dir.*resume_from"):
         checkpointer.restore(abstract_state())
     assert sorted(os.listdir(checkpoints)) == ["10", "20"]
-    with pytest.raises(RuntimeError, match=r"/10 is damaged on disk: meta/metadata"):
+    with pytest.raises(UserError, match=r"/10 is damaged on disk: meta/metadata"):
         checkpointer.restore(abstract_state(), step=10)  # an explicit step is never skipped
     checkpointer.close()
 
@@ -300,9 +382,53 @@ def test_every_checkpoint_damaged_stops_instead_of_starting_over(uninterrupted, 
     shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
     for step in ("10", "20"):
         (out / "checkpoints" / step / "state" / "_METADATA").write_text("")
-    with pytest.raises(RuntimeError, match="Every checkpoint in .* is damaged on disk"):
+    with pytest.raises(UserError, match="Every checkpoint in .* is damaged on disk"):
         build.build(tiny_config(out), with_data=False)
     assert sorted(os.listdir(out / "checkpoints")) == ["10", "20"]
+
+
+@pytest.mark.slow
+def test_every_checkpoint_damaged_is_one_line_from_run_py(uninterrupted, tmp_path, capsys):
+    from simpo_jax import cli
+
+    out = tmp_path / "all_damaged"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    overwrite_random_bytes(data_file(out / "checkpoints" / "20"), np.random.default_rng(3))
+    garble(out / "checkpoints" / "10" / "state" / "array_metadatas" / "process_0")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(tiny_config(out), "export")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("run.py: error:")]
+    assert f"Every checkpoint in {out / 'checkpoints'} is damaged on disk (20: " in line
+    assert "checksums" in line and "array_metadatas/process_0 is not valid JSON" in line
+    assert "new output_dir" in line and "Traceback" not in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["10", "20"]
+
+
+@pytest.mark.slow
+def test_export_and_eval_of_a_damaged_latest_step_use_the_previous(uninterrupted, tmp_path,
+                                                                    capsys, caplog):
+    """Export and eval restore as a resume does: the damaged step is set aside, named in a
+    warning, and the step they name in their own output is the previous one."""
+    from simpo_jax import evaluation
+
+    exported = tmp_path / "export_run"
+    shutil.copytree(uninterrupted / "checkpoints", exported / "checkpoints")
+    overwrite_random_bytes(data_file(exported / "checkpoints" / "20"), np.random.default_rng(4))
+    with caplog.at_level(logging.WARNING, logger="simpo_jax.checkpoint"):
+        train.export_checkpoint(tiny_config(exported, export_dir=str(tmp_path / "hf")))
+    assert f"Exported step 10 to {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert any("20: it is damaged on disk" in r.message and "checksums" in r.message
+               for r in caplog.records)
+    assert sorted(os.listdir(exported / "checkpoints")) == ["10", "20.damaged"]
+
+    evaluated = tmp_path / "eval_run"  # item 13 on the real train state
+    shutil.copytree(uninterrupted / "checkpoints", evaluated / "checkpoints")
+    os.remove(evaluated / "checkpoints" / "20" / "state" / "_METADATA")
+    evaluation.evaluate_checkpoint(tiny_config(evaluated))
+    assert f"eval of checkpoint {evaluated / 'checkpoints'}/10" in capsys.readouterr().out
+    assert sorted(os.listdir(evaluated / "checkpoints")) == ["10", "20.damaged"]
 
 
 @pytest.mark.slow
