@@ -18,9 +18,19 @@ BUILDING_MODES = ("train", "eval", "export", "lr_find", "generate", "rm_eval")  
 DATA_MODES = ("train", "eval", "lr_find", "generate", "rm_eval")
 
 
+# Exit statuses (the README's modes table): 0 only when the mode finished its work.
+EXIT_USER_ERROR = 2  # a mistake in the config, the data or the output folder
+EXIT_UNHEALTHY = 3  # training stopped on NaN/Inf, a collapse or a blow-up (health.py)
+EXIT_DISK = 74  # the disk is full or read-only (sysexits' EX_IOERR)
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT, checkpoint saved: rerun to resume (EX_TEMPFAIL)
+
+
 def main(config, mode: str = "train", argv: list[str] | None = None):
     """Runs `mode` on `config`; `argv` (run.py's sys.argv) names the config file in errors and
-    builds the commands of the closing summary. A UserError is one line and exit status 2."""
+    builds the commands of the closing summary. A failure the user can act on is one line on
+    stderr (its details appended to <output_dir>/run.log) and an exit status of its own."""
+    from simpo_jax import health, run_folder
+
     try:
         # Before preflight, whose mesh check starts jax's backends: their probes log at INFO.
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -34,15 +44,85 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
                  "export": train.export_checkpoint, "lr_find": lr_find.lr_find, "plot": plot,
                  "plan": plan, "generate": generate, "rm_eval": rm_eval}
         result = modes[mode](config)
-    except UserError as e:  # the message is the whole story: no traceback
-        print(f"run.py: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    if mode == "train" and isinstance(result, dict) and "preempted_at_step" not in result:
+    except (UserError, health.RunUnhealthy) as e:  # the message is the whole story
+        fail(config, e, EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_UNHEALTHY, str(e))
+    except Exception as e:
+        problem = disk_problem(e, config.output_dir)
+        if problem is None:
+            raise  # a bug: its traceback
+        fail(config, e, EXIT_DISK, problem)
+    finally:
+        run_folder.release_all()
+    if isinstance(result, dict) and "preempted_at_step" in result:
+        raise SystemExit(EXIT_PREEMPTED)
+    if mode == "train" and isinstance(result, dict):
         import jax
 
         if jax.process_index() == 0:
             print(closing_summary(config, result, argv), flush=True)
     return result
+
+
+def fail(config, error: BaseException, status: int, message: str):
+    """One line on stderr, the details (traceback) in <output_dir>/run.log; exits with `status`."""
+    log_file = failure_log(config.output_dir, error)
+    details = f" (details: {log_file})" if log_file and status != EXIT_USER_ERROR else ""
+    print(f"run.py: error: {message}{details}", file=sys.stderr, flush=True)
+    raise SystemExit(status) from None
+
+
+def failure_log(output_dir: str, error: BaseException) -> str | None:
+    """Appends `error`'s traceback to <output_dir>/run.log (an existing folder only); its path,
+    or None when it could not be written (a full or read-only disk)."""
+    import datetime
+    import traceback
+
+    path = paths.RunDir(output_dir).file("run.log")
+    if not os.path.isdir(output_dir):
+        return None
+    try:
+        with open(path, "a") as f:
+            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} "
+                    f"{type(error).__name__}\n")
+            f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        return None
+    return path
+
+
+DISK_ERRNOS = {"ENOSPC": "no space left", "EDQUOT": "disk quota exceeded",
+               "EROFS": "read-only file system"}
+
+
+def disk_problem(error: BaseException, output_dir: str) -> str | None:
+    """A full or read-only disk anywhere in `error`'s chain, as one sentence; None otherwise."""
+    import errno
+    import shutil
+
+    seen, e = [], error
+    while e is not None and all(e is not x for x in seen):
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    for e in seen:
+        name = errno.errorcode.get(e.errno, "") if isinstance(e, OSError) else ""
+        text = str(e)
+        name = name or next((n for n, words in DISK_ERRNOS.items() if words in text.lower()), "")
+        if name in DISK_ERRNOS:
+            break
+    else:
+        return None
+    folder = getattr(e, "filename", None) or output_dir
+    folder = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+    existing = folder
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing or "/").free
+    if name == "EROFS":
+        return (f"{folder} is on a read-only file system; set config.output_dir (and "
+                "config.export_dir) to a writable folder.")
+    return (f"{DISK_ERRNOS[name]} on the disk of {folder} ({free / 2**20:.1f} MiB free). Free "
+            "space there or set config.output_dir to a folder on another disk, then rerun the "
+            "same command: it resumes from the last complete checkpoint.")
 
 
 def preflight(config, mode: str, source: str = ""):
@@ -62,6 +142,9 @@ def preflight(config, mode: str, source: str = ""):
         return config
     config = config_lib.validate(config, source)
     check_hub_model_id(config.hub_model_id)
+    from simpo_jax import run_folder
+
+    run_folder.check_not_model_folder(config)
     check_mesh_size(config)
     if mode in DATA_MODES:
         from simpo_jax.data import rows

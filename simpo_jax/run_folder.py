@@ -26,6 +26,25 @@ LOCK_NAME = "run.lock"
 _held: dict[str, int] = {}  # realpath of output_dir -> the open file descriptor holding its lock
 
 
+def claim(config, *, fresh: bool = False) -> None:
+    """Process 0 takes output_dir's lock and, for a fresh training run with
+    overwrite_output_dir, moves the earlier run aside; the other processes wait for it."""
+    import jax
+
+    if fresh and config.overwrite_output_dir and config.resume_from:
+        raise UserError(f"config.overwrite_output_dir=True with config.resume_from="
+                        f"{config.resume_from!r}: the first starts afresh, the second resumes; "
+                        "set one.")
+    if jax.process_index() == 0:
+        acquire(config.output_dir)
+        if fresh and config.overwrite_output_dir:
+            move_aside(config.output_dir)
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.sync_global_processes(f"simpo_jax_claim:{os.path.abspath(config.output_dir)}")
+
+
 def lock_path(output_dir: str) -> str:
     return paths.RunDir(output_dir).file(LOCK_NAME)
 
