@@ -29,7 +29,7 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
     """Runs `mode` on `config`; `argv` (run.py's sys.argv) names the config file in errors and
     builds the commands of the closing summary. A failure the user can act on is one line on
     stderr (its details appended to <output_dir>/run.log) and an exit status of its own."""
-    from simpo_jax import health, run_folder
+    from simpo_jax import health, run_folder, run_log
 
     try:
         # Before preflight, whose mesh check starts jax's backends: their probes log at INFO.
@@ -37,6 +37,8 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
         for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         config = preflight(config, mode, config_source(argv))
+        run_log.start(config.output_dir, config.process_id if config.process_id >= 0 else
+                      int(os.environ.get("JAX_PROCESS_ID") or 0))
         avoid_tpu_probe()
         from simpo_jax import evaluation, lr_find, train
 
