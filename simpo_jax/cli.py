@@ -79,8 +79,10 @@ def failure_log(output_dir: str, error: BaseException) -> str | None:
     import datetime
     import traceback
 
+    from simpo_jax import run_folder
+
     path = paths.RunDir(output_dir).file("run.log")
-    if not os.path.isdir(output_dir):
+    if not run_folder.claimed(output_dir):  # not this run's folder (or not made yet)
         return None
     try:
         with open(path, "a") as f:

@@ -24,6 +24,7 @@ from simpo_jax.errors import UserError
 log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 _held: dict[str, int] = {}  # realpath of output_dir -> the open file descriptor holding its lock
+_claimed: set[str] = set()  # every output_dir this process has locked (the run's own folders)
 
 
 def claim(config, *, fresh: bool = False) -> None:
@@ -82,6 +83,12 @@ def acquire(output_dir: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _held[key] = fd
+    _claimed.add(key)
+
+
+def claimed(output_dir: str) -> bool:
+    """Whether this process has held output_dir's lock: only then does it write its run.log."""
+    return os.path.realpath(output_dir) in _claimed
 
 
 def release(output_dir: str) -> None:

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 
-from simpo_jax import paths
+from simpo_jax import paths, run_folder
 
 BACKGROUND = "simpo_jax.background"  # the logger of exceptions raised in background threads
 
@@ -25,8 +25,16 @@ class _RunLogHandler(logging.FileHandler):
     """Opens the file at the first record once output_dir exists; a full or read-only disk drops
     records instead of printing logging's own tracebacks."""
 
+    def __init__(self, path: str, process_id: int):
+        super().__init__(path, delay=True)
+        self.process_id = process_id
+
     def emit(self, record):
-        if self.stream is None and not os.path.isdir(os.path.dirname(self.baseFilename)):
+        # Only once this run holds output_dir (process 0 locks it): a run refused there writes
+        # nothing into the folder of the run that holds it.
+        if self.stream is None and not (self.process_id > 0 and os.path.isdir(
+                os.path.dirname(self.baseFilename)) or run_folder.claimed(
+                os.path.dirname(self.baseFilename))):
             return
         super().emit(record)
 
@@ -49,7 +57,7 @@ def start(output_dir: str, process_id: int = 0) -> str:
         return path
     for handler in root.handlers:
         handler.addFilter(_NotBackgroundNoise())
-    handler = _RunLogHandler(path, delay=True)
+    handler = _RunLogHandler(path, process_id)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root.addHandler(handler)

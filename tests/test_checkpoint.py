@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from simpo_jax import build, train
+from simpo_jax import build, cli, train
 from simpo_jax import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,7 +387,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stdout
+    assert proc.returncode == cli.EXIT_PREEMPTED, stdout  # not 0: the run did not finish
     assert "Rerun the same command to resume" in stdout, stdout
     saved = sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())
     assert len(saved) == 1 and 3 <= saved[0] < 60

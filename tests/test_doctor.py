@@ -168,7 +168,9 @@ def test_nan_stops_the_run_without_a_bad_checkpoint(tmp_path):
     c.lr_scheduler_type = "constant_with_warmup"
     c.max_steps, c.save_steps, c.eval_steps, c.logging_steps = 40, 1, 1000, 1
     c.lock()
-    with pytest.raises(FloatingPointError, match="not finite.*Lower learning_rate"):
+    from simpo_jax.health import RunUnhealthy
+
+    with pytest.raises(RunUnhealthy, match="not finite.*Lower learning_rate"):
         train.train(c)
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert saved, "checkpoints before the divergence are kept"
