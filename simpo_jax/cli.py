@@ -79,19 +79,24 @@ def failure_log(output_dir: str, error: BaseException) -> str | None:
     import datetime
     import traceback
 
+    import tempfile
+
     from simpo_jax import run_folder
 
-    path = paths.RunDir(output_dir).file("run.log")
     if not run_folder.claimed(output_dir):  # not this run's folder (or not made yet)
         return None
-    try:
-        with open(path, "a") as f:
-            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} "
-                    f"{type(error).__name__}\n")
-            f.write("".join(traceback.format_exception(error)))
-    except OSError:
-        return None
-    return path
+    text = (f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {type(error).__name__}\n"
+            + "".join(traceback.format_exception(error)))
+    # A full or read-only output_dir: the temporary folder instead.
+    for path in (paths.RunDir(output_dir).file("run.log"),
+                 os.path.join(tempfile.gettempdir(), f"simpo_jax-run-{os.getpid()}.log")):
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 DISK_ERRNOS = {"ENOSPC": "no space left", "EDQUOT": "disk quota exceeded",

@@ -344,7 +344,8 @@ def test_a_full_disk_during_training_is_one_line(small_disk):
     assert code == cli.EXIT_DISK, stderr[-3000:]
     assert "Traceback" not in stdout + stderr and stderr.count("\n") <= 3, stderr[-3000:]
     assert f"run.py: error: no space left on the disk of {out} (" in stderr
-    assert f"(details: {out}/run.log)" in stderr and "No space left" in (out / "run.log").read_text()
+    details = stderr.split("(details: ")[1].split(")")[0]  # run.log, or a temporary file when
+    assert "No space left" in open(details).read()  # the disk had no room left for it
 
 
 def test_no_pytorch_line_in_a_run():
