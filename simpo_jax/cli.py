@@ -100,7 +100,7 @@ def failure_log(output_dir: str, error: BaseException) -> str | None:
 
 
 DISK_ERRNOS = {"ENOSPC": "no space left", "EDQUOT": "disk quota exceeded",
-               "EROFS": "read-only file system"}
+               "EROFS": "read-only file system", "EACCES": "permission denied"}
 
 
 def disk_problem(error: BaseException, output_dir: str) -> str | None:
@@ -126,9 +126,9 @@ def disk_problem(error: BaseException, output_dir: str) -> str | None:
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing)
     free = shutil.disk_usage(existing or "/").free
-    if name == "EROFS":
-        return (f"{folder} is on a read-only file system; set config.output_dir (and "
-                "config.export_dir) to a writable folder.")
+    if name in ("EROFS", "EACCES"):
+        return (f"{folder} cannot be written ({DISK_ERRNOS[name]}); set config.output_dir (and "
+                "config.export_dir) to a folder this user can write to.")
     return (f"{DISK_ERRNOS[name]} on the disk of {folder} ({free / 2**20:.1f} MiB free). Free "
             "space there or set config.output_dir to a folder on another disk, then rerun the "
             "same command: it resumes from the last complete checkpoint.")

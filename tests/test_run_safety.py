@@ -24,21 +24,12 @@ LN_V = math.log(512)  # the tiny models' vocabulary
 
 
 def tiny_config(output_dir, **overrides):
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from configs import tiny
+    """test_checkpoint's tiny config: 4 steps, each logged, no save or eval before the end."""
+    from test_checkpoint import tiny_config as short_config
 
-    c = tiny.get_config()
-    c.output_dir = str(output_dir)
-    c.per_device_train_batch_size = 2  # x 8 forced CPU devices = the tiny default's 16 pairs
-    c.per_device_eval_batch_size = 8
-    c.max_steps, c.eval_steps, c.save_steps, c.logging_steps = 4, 1000, 1000, 1
-    c.num_samples = 4
-    c.report_to = ()
-    for k, v in overrides.items():
-        setattr(c, k, v)
-    c.lock()
-    return c
+    defaults = dict(max_steps=4, eval_steps=1000, save_steps=1000, save_total_limit=2,
+                    logging_steps=1, num_samples=4, report_to=())
+    return short_config(output_dir, **{**defaults, **overrides})
 
 
 def run_py(*args, timeout=600):
@@ -334,6 +325,14 @@ def test_a_full_disk_is_named_with_its_free_space(small_disk):
         message = cli.disk_problem(e, str(small_disk))
         assert message.startswith(f"no space left on the disk of {small_disk} (0.0 MiB free)")
     assert cli.disk_problem(ValueError("NOT_FOUND: x"), str(small_disk)) is None
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        os.makedirs(small_disk / "export")
+    except OSError as e:
+        error = e
+    assert cli.disk_problem(error, str(small_disk)) == (
+        f"{small_disk} cannot be written (read-only file system); set config.output_dir (and "
+        "config.export_dir) to a folder this user can write to.")
 
 
 @pytest.mark.slow
