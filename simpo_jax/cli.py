@@ -49,7 +49,8 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
     except (UserError, health.RunUnhealthy) as e:  # the message is the whole story
         fail(config, e, EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_UNHEALTHY, str(e))
     except Exception as e:
-        problem = disk_problem(e, config.output_dir)
+        target = config.export_dir if mode == "export" and config.export_dir else config.output_dir
+        problem = disk_problem(e, target)
         if problem is None:
             raise  # a bug: its traceback
         fail(config, e, EXIT_DISK, problem)
@@ -130,8 +131,8 @@ def disk_problem(error: BaseException, output_dir: str) -> str | None:
         return (f"{folder} cannot be written ({DISK_ERRNOS[name]}); set config.output_dir (and "
                 "config.export_dir) to a folder this user can write to.")
     return (f"{DISK_ERRNOS[name]} on the disk of {folder} ({free / 2**20:.1f} MiB free). Free "
-            "space there or set config.output_dir to a folder on another disk, then rerun the "
-            "same command: it resumes from the last complete checkpoint.")
+            "space there or set config.output_dir (or export_dir) to a folder on another disk, "
+            "then rerun the same command (training resumes from its last complete checkpoint).")
 
 
 def preflight(config, mode: str, source: str = ""):

@@ -271,7 +271,7 @@ def test_sigterm_during_final_eval_saves_and_a_rerun_finishes_once(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_export_of_an_unfinished_run_says_so_and_does_not_push(tmp_path, capsys):
+def test_export_of_an_unfinished_run_says_so_and_does_not_push(tmp_path, capsys, small_disk):
     out = tmp_path / "run"
     train.train(tiny_config(out, save_steps=2, save_total_limit=0))
     os.rename(out / "checkpoints" / "4", out / "checkpoints" / "4.elsewhere")  # as if stopped at 2
@@ -281,6 +281,14 @@ def test_export_of_an_unfinished_run_says_so_and_does_not_push(tmp_path, capsys)
     exported = train.export_checkpoint(tiny_config(out, export_dir=str(tmp_path / "e")))
     assert "Exported step 2 of 4 to" in capsys.readouterr().out
     assert os.path.exists(os.path.join(exported, "config.json"))
+    # A full disk during the export: one line, exit status 74.
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * (3 * 2**20 - 64 * 2**10))
+    with pytest.raises(SystemExit) as failed:
+        cli.main(tiny_config(out, export_dir=str(small_disk / "e")), "export")
+    err = capsys.readouterr().err
+    assert failed.value.code == cli.EXIT_DISK and err.count("\n") == 1, err
+    assert err.startswith(f"run.py: error: no space left on the disk of {small_disk}")
 
 
 def test_resume_with_a_changed_schedule_warns(caplog):
