@@ -5,6 +5,10 @@ import os
 import re
 import sys
 
+# Before transformers is first imported: its "PyTorch was not found" line is advice for PyTorch
+# users, noise in a JAX run.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from absl import app, flags
 from ml_collections import config_flags
 

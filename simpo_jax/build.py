@@ -21,6 +21,7 @@ from simpo_jax.data import report as data_report
 from simpo_jax.hub import download, publish
 from simpo_jax import lora as lora_lib
 from simpo_jax import paths
+from simpo_jax import run_folder
 from simpo_jax import setup
 from simpo_jax import sharding as sharding_lib
 from simpo_jax import step as step_lib
@@ -80,11 +81,15 @@ RESUME_CHECKS = ("model", "data_fingerprint", "global_batch", "seed", "packing",
 MODEL_CHECKS = ("model", "memory", "lora")
 
 
-def build(config, *, with_data: bool = True, schedule=None) -> Run:
-    """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps."""
+def build(config, *, with_data: bool = True, schedule=None, fresh: bool = False) -> Run:
+    """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps.
+
+    Takes output_dir's lock (run_folder; the caller releases it); `fresh` (training) honours
+    config.overwrite_output_dir."""
     config = config_lib.validate(config)
     mesh = setup.start(config)
     os.makedirs(config.output_dir, exist_ok=True)
+    run_folder.claim(config, fresh=fresh)
     global_batch, eval_batch = batch_sizes(config, mesh, say=with_data)
     if with_data:
         check_hub_datasets(config)

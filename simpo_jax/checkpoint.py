@@ -11,16 +11,13 @@ The data position is the step itself: the data order is a pure function of (seed
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
-import signal
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
@@ -56,8 +53,15 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, save_total_limit: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        # Rotation keeps the newest save_total_limit steps and, beyond them, the last step known to
+        # be healthy (see `healthy_step`), so a run that goes bad never rotates out its last good
+        # checkpoint.
+        self.healthy_step = None
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(save_total_limit if save_total_limit > 0 else None),
+            _KeepStep(lambda: self.healthy_step)])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=save_total_limit if save_total_limit > 0 else None,
+            preservation_policy=policy,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -242,6 +246,37 @@ class Checkpointer:
         self.manager.close()
         self.manager = None
 
+    def set_aside_from(self, step: int) -> list[str]:
+        """Renames the steps >= `step` to <step>.unhealthy (after the saves in flight), so a rerun
+        resumes from an earlier one; returns the new names. Nothing is deleted."""
+        self.wait()
+        moved = []
+        barrier = f"simpo_jax_unhealthy:{self.directory}:{step}"
+        ocp.multihost.sync_global_processes(barrier + ":saved")
+        for s in (s for s in self.steps() if s >= step):
+            folder = os.path.join(self.directory, str(s))
+            target, n = folder + ".unhealthy", 1
+            while os.path.exists(target):
+                n += 1
+                target = f"{folder}.unhealthy{n}"
+            if jax.process_index() == 0:
+                os.rename(folder, target)
+            moved.append(target)
+        ocp.multihost.sync_global_processes(barrier + ":renamed")
+        self.manager.reload()
+        return moved
+
+
+class _KeepStep(ocp.checkpoint_managers.PreservationPolicy):
+    """Preserves the one step `current()` names (None: none)."""
+
+    def __init__(self, current: Callable[[], int | None]):
+        self.current = current
+
+    def should_preserve(self, checkpoints, *, context):
+        keep = self.current()
+        return [c.step == keep for c in checkpoints]
+
 
 def is_damage(error: BaseException, *, index_only: bool = False) -> bool:
     """Whether `error`, or an error it was raised from, is tensorstore reporting damage on disk."""
@@ -297,80 +332,3 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings, the restore target for orbax."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
-
-
-class PreemptionGuard:
-    """SIGTERM/SIGINT ask the loop to finish its step, save and exit cleanly.
-
-    Every process must stop after the same step: one that stops alone enters the collective save
-    while the others enter the next train step, and all of them wait forever. So in a
-    multi-process run every step all-gathers each process's signal (one int on one device a
-    process), and each process reads that result one step later, when the train step it was
-    queued behind has finished anyway: all read the same signals and stop after the same step,
-    for one tiny collective a step and no wait. JAX's preemption sync point is not used: it hears
-    SIGTERM through a C handler that any Python handler replaces, and never hears SIGINT.
-    """
-
-    def __init__(self):
-        self.signal_name = None  # what stopped the run, once every process agrees
-        self.received = 0  # the signal this process received, 0 if none
-        self._previous = {}
-        self._in_flight = None  # the all-gathered signals of the last step, not read yet
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.received = signum
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop after `step`: the same answer on every process."""
-        if jax.process_count() == 1:
-            if self.received:
-                self.signal_name = signal.Signals(self.received).name
-            return self.signal_name is not None
-        agreed, self._in_flight = self._in_flight, _gather_per_process(self.received)
-        if agreed is None:
-            return False
-        signals = np.asarray(agreed.addressable_data(0))  # one per process, 0 for none
-        if not signals.any():
-            return False
-        first = int(np.flatnonzero(signals)[0])
-        self.signal_name = f"{signal.Signals(int(signals[first])).name} on process {first}"
-        return True
-
-
-def _gather_per_process(value: int) -> jax.Array:
-    """Dispatches an all-gather of one int per process; reading the result waits for it."""
-    per_process, gather = _all_gather()
-    (device,) = per_process.addressable_devices
-    return gather(jax.make_array_from_single_device_arrays(
-        (jax.process_count(),), per_process,
-        [jax.device_put(np.array([value], np.int32), device)]))
-
-
-@functools.cache
-def _all_gather() -> tuple[jax.sharding.NamedSharding, Callable[[jax.Array], jax.Array]]:
-    """(one row per process on its first device, a jitted copy of such rows to all of them).
-
-    One device a process: the fewest parties to the collective, so the least it costs.
-    """
-    first = {}
-    for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
-        first.setdefault(d.process_index, d)
-    mesh = jax.sharding.Mesh(np.array(list(first.values())), ("process",),
-                             axis_types=(jax.sharding.AxisType.Explicit,))
-    return jax.sharding.NamedSharding(mesh, jax.P("process")), jax.jit(
-        lambda x: x, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))

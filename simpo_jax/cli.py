@@ -18,15 +18,27 @@ BUILDING_MODES = ("train", "eval", "export", "lr_find", "generate", "rm_eval")  
 DATA_MODES = ("train", "eval", "lr_find", "generate", "rm_eval")
 
 
+# Exit statuses (the README's modes table): 0 only when the mode finished its work.
+EXIT_USER_ERROR = 2  # a mistake in the config, the data or the output folder
+EXIT_UNHEALTHY = 3  # training stopped on NaN/Inf, a collapse or a blow-up (health.py)
+EXIT_DISK = 74  # the disk is full or read-only (sysexits' EX_IOERR)
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT, checkpoint saved: rerun to resume (EX_TEMPFAIL)
+
+
 def main(config, mode: str = "train", argv: list[str] | None = None):
     """Runs `mode` on `config`; `argv` (run.py's sys.argv) names the config file in errors and
-    builds the commands of the closing summary. A UserError is one line and exit status 2."""
+    builds the commands of the closing summary. A failure the user can act on is one line on
+    stderr (its details appended to <output_dir>/run.log) and an exit status of its own."""
+    from simpo_jax import health, run_folder, run_log
+
     try:
         # Before preflight, whose mesh check starts jax's backends: their probes log at INFO.
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         config = preflight(config, mode, config_source(argv))
+        run_log.start(config.output_dir, config.process_id if config.process_id >= 0 else
+                      int(os.environ.get("JAX_PROCESS_ID") or 0))
         avoid_tpu_probe()
         from simpo_jax import evaluation, lr_find, train
 
@@ -34,15 +46,93 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
                  "export": train.export_checkpoint, "lr_find": lr_find.lr_find, "plot": plot,
                  "plan": plan, "generate": generate, "rm_eval": rm_eval}
         result = modes[mode](config)
-    except UserError as e:  # the message is the whole story: no traceback
-        print(f"run.py: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    if mode == "train" and isinstance(result, dict) and "preempted_at_step" not in result:
+    except (UserError, health.RunUnhealthy) as e:  # the message is the whole story
+        fail(config, e, EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_UNHEALTHY, str(e))
+    except Exception as e:
+        target = config.export_dir if mode == "export" and config.export_dir else config.output_dir
+        problem = disk_problem(e, target)
+        if problem is None:
+            raise  # a bug: its traceback
+        fail(config, e, EXIT_DISK, problem)
+    finally:
+        run_folder.release_all()
+    if isinstance(result, dict) and "preempted_at_step" in result:
+        raise SystemExit(EXIT_PREEMPTED)
+    if mode == "train" and isinstance(result, dict):
         import jax
 
         if jax.process_index() == 0:
             print(closing_summary(config, result, argv), flush=True)
     return result
+
+
+def fail(config, error: BaseException, status: int, message: str):
+    """One line on stderr, the details (traceback) in <output_dir>/run.log; exits with `status`."""
+    log_file = failure_log(config.output_dir, error)
+    details = f" (details: {log_file})" if log_file and status != EXIT_USER_ERROR else ""
+    print(f"run.py: error: {message}{details}", file=sys.stderr, flush=True)
+    raise SystemExit(status) from None
+
+
+def failure_log(output_dir: str, error: BaseException) -> str | None:
+    """Appends `error`'s traceback to <output_dir>/run.log (an existing folder only); its path,
+    or None when it could not be written (a full or read-only disk)."""
+    import datetime
+    import traceback
+
+    import tempfile
+
+    from simpo_jax import run_folder
+
+    if not run_folder.claimed(output_dir):  # not this run's folder (or not made yet)
+        return None
+    text = (f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {type(error).__name__}\n"
+            + "".join(traceback.format_exception(error)))
+    # A full or read-only output_dir: the temporary folder instead.
+    for path in (paths.RunDir(output_dir).file("run.log"),
+                 os.path.join(tempfile.gettempdir(), f"simpo_jax-run-{os.getpid()}.log")):
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+DISK_ERRNOS = {"ENOSPC": "no space left", "EDQUOT": "disk quota exceeded",
+               "EROFS": "read-only file system", "EACCES": "permission denied"}
+
+
+def disk_problem(error: BaseException, output_dir: str) -> str | None:
+    """A full or read-only disk anywhere in `error`'s chain, as one sentence; None otherwise."""
+    import errno
+    import shutil
+
+    seen, e = [], error
+    while e is not None and all(e is not x for x in seen):
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    for e in seen:
+        name = errno.errorcode.get(e.errno, "") if isinstance(e, OSError) else ""
+        text = str(e)
+        name = name or next((n for n, words in DISK_ERRNOS.items() if words in text.lower()), "")
+        if name in DISK_ERRNOS:
+            break
+    else:
+        return None
+    folder = getattr(e, "filename", None) or output_dir
+    folder = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+    existing = folder
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing or "/").free
+    if name in ("EROFS", "EACCES"):
+        return (f"{folder} cannot be written ({DISK_ERRNOS[name]}); set config.output_dir (and "
+                "config.export_dir) to a folder this user can write to.")
+    return (f"{DISK_ERRNOS[name]} on the disk of {folder} ({free / 2**20:.1f} MiB free). Free "
+            "space there or set config.output_dir (or export_dir) to a folder on another disk, "
+            "then rerun the same command (training resumes from its last complete checkpoint).")
 
 
 def preflight(config, mode: str, source: str = ""):
@@ -62,6 +152,9 @@ def preflight(config, mode: str, source: str = ""):
         return config
     config = config_lib.validate(config, source)
     check_hub_model_id(config.hub_model_id)
+    from simpo_jax import run_folder
+
+    run_folder.check_not_model_folder(config)
     check_mesh_size(config)
     if mode in DATA_MODES:
         from simpo_jax.data import rows

@@ -32,6 +32,13 @@ SIZE_ROWS = (
 )
 
 
+# Under 0.5B parameters the guides have no row (the SimPO guide's smallest, 1B-3B, is 5e-7 to
+# 1e-6). The highest rate measured to train this repository's tiny models (bench/tiny_lr_sweep.py:
+# the SFT base learns at 1e-5 to 3e-3 and no longer at 1e-2; a random init is erratic above 1e-2).
+SMALL_MODEL_SIZE = 0.5e9
+SMALL_MODEL_MAX_LR = 3e-3
+
+
 def size_row(num_params: float | None):
     """The guide's row (name, lowest, end, lr range, batch range) for a model size, or None."""
     for row in SIZE_ROWS:
@@ -79,6 +86,7 @@ def config_warnings(config, *, num_params: int | None, effective_batch: int) -> 
     if rank and config.lora_alpha != 2 * rank:
         out.append(f"lora_alpha={config.lora_alpha:g} with lora_rank={rank}: the standard is "
                    f"alpha = 2 x rank = {2 * rank} ({TUNING}, 'LoRA: Rank and Alpha').")
+    out += small_model_warnings(config, num_params)
     row = size_row(num_params)
     if row:
         name, _, _, (min_lr, max_lr), batch = row
@@ -108,6 +116,17 @@ def config_warnings(config, *, num_params: int | None, effective_batch: int) -> 
                 f"data-parallel devices x gradient_accumulation_steps) is far from the guide's "
                 f"{batch[0]}-{batch[1]} for {name} models ({GUIDE}).")
     return out
+
+
+def small_model_warnings(config, num_params: float | None) -> list[str]:
+    """The learning-rate row for models under 0.5B parameters, which the guides do not cover."""
+    if not num_params or num_params >= SMALL_MODEL_SIZE or config.learning_rate <= SMALL_MODEL_MAX_LR:
+        return []
+    return [f"learning_rate={config.learning_rate:g} for a model of {num_params / 1e6:.3g}M "
+            f"parameters is above {SMALL_MODEL_MAX_LR:g}, the highest rate at which the tiny "
+            "models of bench/tiny_lr_sweep.py still learn: risk of divergence or collapse. The "
+            f"{GUIDE} has no row under 0.5B (its 1B-3B row is 5e-7 to 1e-6); --mode=lr_find "
+            "measures a rate for this model."]
 
 
 class Advisor:

@@ -12,6 +12,7 @@ import numpy as np
 
 from simpo_jax import loss as loss_lib
 from simpo_jax import report
+from simpo_jax import run_folder
 from simpo_jax.build import Run, build
 from simpo_jax.data import feed, padded
 from simpo_jax.data.batch import batch_shardings
@@ -20,8 +21,9 @@ from simpo_jax.models import generate
 from simpo_jax.paths import RunDir
 
 
-def evaluate(run: Run) -> dict:
-    """Metrics over the whole eval split (padding pairs excluded); {} when there is none."""
+def evaluate(run: Run, stop=None) -> dict | None:
+    """Metrics over the whole eval split (padding pairs excluded); {} when there is none; None when
+    `stop()` (asked between batches) cut it short."""
     if not run.data.eval.num_pairs:
         return {}
     shardings = batch_shardings(run.mesh)
@@ -31,18 +33,23 @@ def evaluate(run: Run) -> dict:
             pad_id=run.data.pad_id, max_length=run.config.max_length,
             length_buckets=tuple(run.config.length_buckets),
             process_index=jax.process_index(), process_count=jax.process_count()):
+        if stop is not None and stop():
+            return None
         sums = run.eval_step(run.state.params, feed.to_global(batch, shardings))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     metrics = loss_lib.finalize_metrics(total, loss_lib.LossConfig.from_config(run.config))
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def eval_round(run: Run, writer: report.MetricsWriter, step: int) -> dict:
-    """Eval metrics over the whole split and sample generations, written to output_dir."""
-    metrics = evaluate(run)
+def eval_round(run: Run, writer: report.MetricsWriter, step: int, stop=None) -> dict | None:
+    """Eval metrics over the whole split and sample generations, written to output_dir; None when
+    `stop()` cut it short. The samples are written before the eval row, so a step's eval row in
+    metrics.jsonl means its samples are complete too."""
+    metrics = evaluate(run, stop)
     if metrics:
+        samples = write_samples(run, step)
         writer.write(step, metrics, prefix="eval_")
-        writer.write_samples(step, write_samples(run, step))
+        writer.write_samples(step, samples)
     return metrics
 
 
@@ -81,6 +88,13 @@ def evaluate_checkpoint(config) -> dict:
     """
     run = build(config)
     run.checkpointer.close()
+    try:
+        return _evaluate_checkpoint(config, run)
+    finally:
+        run_folder.release(config.output_dir)
+
+
+def _evaluate_checkpoint(config, run: Run) -> dict:
     if run.start_step == 0 and not config.resume_from:
         raise UserError(f"--mode=eval: no checkpoint restored from {run.checkpointer.directory}; "
                         "train first or set config.resume_from to a checkpoint step folder.")
@@ -110,8 +124,13 @@ def evaluate_checkpoint(config) -> dict:
 
 def has_eval_row(metrics_path: str, step: int) -> bool:
     """Whether a metrics.jsonl holds an eval row for `step`."""
+    return read_eval_row(metrics_path, step) is not None
+
+
+def read_eval_row(metrics_path: str, step: int) -> dict | None:
+    """The eval metrics (without the eval_ prefix) a metrics.jsonl holds for `step`, or None."""
     if not os.path.exists(metrics_path):
-        return False
+        return None
     with open(metrics_path) as f:
         for line in f:
             try:
@@ -120,5 +139,6 @@ def has_eval_row(metrics_path: str, step: int) -> bool:
                 continue
             if isinstance(row, dict) and row.get("step") == step and any(
                     k.startswith("eval_") for k in row):
-                return True
-    return False
+                return {k[len("eval_"):]: (float(v) if isinstance(v, str) else v)
+                        for k, v in row.items() if k.startswith("eval_")}
+    return None

@@ -111,6 +111,7 @@ class MetricsWriter:
                 self.tensorboard.close()
             if self.wandb is not None:
                 self.wandb.finish()
+            self.tensorboard = self.wandb = None  # closing twice does nothing more
 
     def _clear_line(self):
         if self.tty:

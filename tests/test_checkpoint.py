@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from simpo_jax import build, train
+from simpo_jax import build, cli, preemption, train
 from simpo_jax import checkpoint as ckpt_lib
 from simpo_jax.errors import UserError
 
@@ -513,7 +513,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stdout
+    assert proc.returncode == cli.EXIT_PREEMPTED, stdout  # not 0: the run did not finish
     assert "Rerun the same command to resume" in stdout, stdout
     saved = sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())
     assert len(saved) == 1 and 3 <= saved[0] < 60
@@ -529,7 +529,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
 
 def test_preemption_guard_stops_on_a_signal_and_a_second_ctrl_c_at_once():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with ckpt_lib.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
         assert not guard.should_stop(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.should_stop(2) and guard.signal_name == "SIGTERM"

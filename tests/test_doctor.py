@@ -159,20 +159,26 @@ def test_nan_stops_the_run_without_a_bad_checkpoint(tmp_path):
     from configs import tiny
     from simpo_jax import build, train
 
-    c = tiny.get_config()
-    c.output_dir = str(tmp_path)
-    c.per_device_train_batch_size = 2
-    c.learning_rate = 1e12  # diverges within a few steps
-    c.max_grad_norm = 0.0
-    c.warmup_ratio = 0.0
-    c.lr_scheduler_type = "constant_with_warmup"
-    c.max_steps, c.save_steps, c.eval_steps, c.logging_steps = 40, 1, 1000, 1
-    c.lock()
-    with pytest.raises(FloatingPointError, match="not finite.*Lower learning_rate"):
-        train.train(c)
+    def config(learning_rate, max_steps):
+        c = tiny.get_config()
+        c.output_dir = str(tmp_path)
+        c.per_device_train_batch_size = 2
+        c.learning_rate = learning_rate
+        c.max_grad_norm = 0.0
+        c.warmup_ratio = 0.0
+        c.lr_scheduler_type = "constant_with_warmup"
+        c.max_steps, c.save_steps, c.eval_steps, c.logging_steps = max_steps, 1, 1000, 1
+        c.lock()
+        return c
+
+    from simpo_jax.health import RunUnhealthy
+
+    train.train(config(3e-4, 3))  # healthy steps first; then a resume that diverges at once:
+    with pytest.raises(RunUnhealthy, match="not finite.*Lower learning_rate"):
+        train.train(config(1e12, 40))  # the first update ruins the state (issue 26: 1e30)
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-    assert saved, "checkpoints before the divergence are kept"
-    run = build.build(c, with_data=False)  # restores the latest checkpoint
+    assert saved and saved[-1] == 3, "checkpoints before the divergence are kept"
+    run = build.build(config(1e12, 40), with_data=False)  # restores the latest checkpoint
     run.checkpointer.close()
     assert run.start_step == saved[-1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.state.params))

@@ -44,8 +44,8 @@ def start_two_processes(out):
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
-def finish(procs, deadline):
-    """Both processes' outputs once both exit 0; kills both and fails on a hang or an error."""
+def finish(procs, deadline, status=0):
+    """Both processes' outputs once both exit `status`; kills both and fails on a hang or an error."""
     try:
         outputs = [p.communicate(timeout=max(deadline - time.time(), 1))[0] for p in procs]
     except subprocess.TimeoutExpired:
@@ -55,7 +55,7 @@ def finish(procs, deadline):
         pytest.fail("the processes hung; their last output:\n" +
                     "\n".join(f"--- process {i}\n{o[-3000:]}" for i, o in enumerate(outputs)))
     for i, (p, o) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{o[-4000:]}"
+        assert p.returncode == status, f"process {i} exited {p.returncode}:\n{o[-4000:]}"
     return outputs
 
 
@@ -122,13 +122,13 @@ def test_two_processes_match_one_process(single, tmp_path):
 GUARD_LOOP = """
 import os, signal, sys
 import jax, jax.numpy as jnp, numpy as np
-from simpo_jax import checkpoint, sharding
+from simpo_jax import preemption, sharding
 process, target, sig = (int(a) for a in sys.argv[1:4])
 sharding.initialize_distributed(sys.argv[4], 2, process)
 sharded = jax.sharding.NamedSharding(jax.make_mesh((8,), ("d",)), jax.P("d"))
 x = jax.make_array_from_process_local_data(sharded, np.ones((4, 256), np.float32))
 step_fn = jax.jit(lambda x: x * 0.5 + jnp.sum(x) / x.size, out_shardings=sharded)  # a collective
-with checkpoint.PreemptionGuard() as guard:
+with preemption.PreemptionGuard() as guard:
     for step in range(1, 1000):
         x = step_fn(x)
         if step == 5 and process == target:
@@ -157,7 +157,7 @@ def test_the_guard_stops_every_process_after_the_same_step(process, sig):
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(single, tmp_path):
     """SIGTERM reaches process 1 alone (not the coordinator); the guard test above covers the
-    others. Both save the same step and exit 0; rerun, they end where the uninterrupted run does."""
+    others. Both save the same step and exit 75 (preempted); rerun, they end where the uninterrupted run does."""
     out = tmp_path / "preempted"
     procs = start_two_processes(out)
     deadline = time.time() + TIMEOUT
@@ -171,7 +171,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
             p.kill()
         raise
     procs[1].send_signal(signal.SIGTERM)
-    outputs = finish(procs, time.time() + 300)
+    outputs = finish(procs, time.time() + 300, status=75)  # cli.EXIT_PREEMPTED
 
     stopped = [re.search(r"Stopped by SIGTERM on process 1 after step (\d+)/8; "
                          r"checkpoint saved in (\S+)\. Rerun the same command to resume", o)

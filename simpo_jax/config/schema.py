@@ -206,6 +206,11 @@ class Output:
     hub_private_repo: bool = option(False, "create the Hub repository private")
     hub_push_adapter_only: bool = option(False, "LoRA: push output_dir/adapter (PEFT) instead of "
                                                 "the merged model")
+    # issue 26: one run per output_dir, exit codes pipelines can trust
+    overwrite_output_dir: bool = option(False, "start afresh: move an earlier run in output_dir "
+                                               "aside (to <output_dir>.old-<time>); False resumes it")
+    allow_partial_push: bool = option(False, "--mode=export: push a run that stopped before its "
+                                             "last step")
 
 
 @section("LR range test (--mode=lr_find): an exponential sweep around learning_rate")
