@@ -5,7 +5,7 @@ Each epoch is a random permutation cut into global batches, as TRL's and the ori
 trainer's random samplers; group_by_length instead sorts windows of WINDOW_BATCHES global batches
 by length (less padding, but a step is then all-short or all-long pairs). The remainder
 (num_pairs % global batch) is dropped each epoch. A batch is as long as its longest pair rounded
-up to a multiple of 64 tokens (TRL pads to the longest pair exactly; the rounding bounds the
+up to a multiple of 32 tokens (TRL pads to the longest pair exactly; the rounding bounds the
 compiled shapes to MAX_WIDTHS), or to config.length_buckets when given. Batch format:
 batch.PaddedBatch. The default layout is shared_prompt (packed.py): padded is for debugging and
 comparison, and the eval batches of every layout.
@@ -27,7 +27,7 @@ from simpo_jax.data.batch import AbstractBatch, PaddedBatch, abstract_arrays, ba
 WINDOW_BATCHES = 64  # group_by_length: length-sorted windows of this many global batches
 # A batch is padded to its longest pair rounded up to a multiple of WIDTH_MULTIPLE tokens (more
 # where max_length would give more than MAX_WIDTHS lengths): each length compiles its own step.
-WIDTH_MULTIPLE = 64
+WIDTH_MULTIPLE = 32
 MAX_WIDTHS = 16
 
 
