@@ -2,6 +2,7 @@
 
     python bench/simpo_vs_trl.py            # both models, ~10-15 min on 2 cores
     python bench/simpo_vs_trl.py --layout packed --steps 3 --representative-steps 0
+    python bench/simpo_vs_trl.py --dry-run  # tiny models, one step each: the test suite runs it
 
 Two locally made Hugging Face Llamas, float32, both sides loading the same weights and training on
 the same pairs (random words, ids below 8192, from a 32k word-level tokenizer; prompt, chosen and
@@ -22,6 +23,9 @@ the non-padding tokens each side actually computed (the shared prompt once). MFU
 token (simpo_jax.flops: 6 x non-embedding parameters including the LM head, plus attention at the
 mean sequence length) x real tokens/s / the FLOP/s of a 2048x2048 float32 matmul measured in the
 same run (the largest of the measurements before and between the timed rounds).
+Printed first: the CPU model and the float32 rates of XLA's and torch's matmuls on the
+representative model's MLP shape (bench/peak_check.dot_report). The last two lines are the
+representative model's ratio and the head-heavy one's (best layout), in the same format.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ from simpo_jax.data.batch import batch_shardings  # noqa: E402
 from simpo_jax.data.padded import pair_batches  # noqa: E402
 from simpo_jax.data.pairs import TokenizedPairs  # noqa: E402
 
+from bench import peak_check  # noqa: E402
+
 VOCAB = 32000  # the tokenizer's; the data uses ids below DATA_VOCAB, so both models read it
 DATA_VOCAB = 8192
 MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -75,6 +81,8 @@ REPRESENTATIVE = dict(vocab_size=DATA_VOCAB, hidden_size=1024, intermediate_size
 BETA, GAMMA_BETA_RATIO, LEARNING_RATE = 2.0, 0.5, 1e-5
 LENGTHS = (50, 150)  # tokens of prompt, chosen and rejected, uniform
 LAYOUTS = ("padded", "packed", "shared_prompt")
+DRY_RUN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2)  # --dry-run: both models this small
 
 
 def make_tokenizer(path: str):
@@ -306,21 +314,36 @@ def main():
     parser.add_argument("--representative-rows-per-step", type=int, default=4)
     parser.add_argument("--representative-steps", type=int, default=2,
                         help="timed steps per side on the representative model; 0 skips it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="2-layer 64-wide models, 4 pairs, one timed step: seconds")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    models_, num_pairs = (REPRESENTATIVE, MODEL), max(args.pairs_per_step * (args.steps + 4) * 2, 384)
+    if args.dry_run:  # enough pairs to pack tightly otherwise
+        models_ = tuple(m | DRY_RUN for m in models_)
+        args.pairs_per_step = args.representative_pairs_per_step = 4
+        args.rows_per_step = args.representative_rows_per_step = 2
+        args.steps = args.representative_steps = 1
+        num_pairs = 16
+    print(peak_check.dot_report(64 if args.dry_run else 2048, repeats=1 if args.dry_run else 5),
+          flush=True)
 
     work = tempfile.mkdtemp(prefix="simpo_bench_")
     tok = make_tokenizer(os.path.join(work, "tokenizer"))
-    num_pairs = max(args.pairs_per_step * (args.steps + 4) * 2, 384)  # enough to pack tightly
     rows = make_rows(num_pairs)
+    representative = None
     if args.representative_steps:
-        compare("representative", REPRESENTATIVE, work, tok, rows, args.representative_layout,
-                args.representative_pairs_per_step, args.representative_rows_per_step,
-                args.representative_steps, args.logits_chunk_size)
-    rate = compare("head-heavy", MODEL, work, tok, rows, args.layout, args.pairs_per_step,
+        rate = compare("representative", models_[0], work, tok, rows, args.representative_layout,
+                       args.representative_pairs_per_step, args.representative_rows_per_step,
+                       args.representative_steps, args.logits_chunk_size)
+        representative = max((name for name in rate if name != "trl"), key=rate.get), rate
+    rate = compare("head-heavy", models_[1], work, tok, rows, args.layout, args.pairs_per_step,
                    args.rows_per_step, args.steps, args.logits_chunk_size)
     best = max((name for name in rate if name != "trl"), key=rate.get)
-    print(f"best layout: {best}")
+    print(f"best layout: {best} (head-heavy)")
+    if representative:  # the second-to-last line; the last stays the head-heavy ratio
+        name, r = representative
+        print(f"representative {name}: throughput ratio vs TRL: {r[name] / r['trl']:.2f}x")
     print(f"throughput ratio vs TRL: {rate[best] / rate['trl']:.2f}x")
 
 

@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
                                                 allow_dotted_keys=True)
     c.max_length = 64
     c.max_prompt_length = 48
-    c.length_buckets = (32, 64)  # the tiny pairs are 17-29 tokens
+    # The default batch_layout, shared_prompt: rows of 2 x max_length tokens holding [prompt |
+    # chosen | rejected] of about 5 pairs each (the tiny pairs are 17-29 tokens); eval is padded.
 
     # --- SimPO and optimizer ---------------------------------------------------------------------
     c.beta = 1.0  # the guide's lower bound: keeps reward margins under 5 (see docstring)

@@ -118,12 +118,78 @@ def test_resumed_loop_reads_the_batches_of_the_checkpoint_step(tmp_path, monkeyp
     run.checkpointer.save(2, run.state, run.meta)
     run.checkpointer.close()
     seen = []
-    batches = padded.PaddedBatcher.batches
+    batcher_type = type(run.batcher)  # the default layout's (shared_prompt)
+    batches = batcher_type.batches
 
     def recording(batcher, start_step=0):
         seen.append(start_step)
         return batches(batcher, start_step)
 
-    monkeypatch.setattr(padded.PaddedBatcher, "batches", recording)
+    monkeypatch.setattr(batcher_type, "batches", recording)
     train.train(config)
     assert seen == [2]
+
+
+def trl_width(pairs, rows) -> int:
+    """The length TRL's CPO trainer pads a batch to: its collator pads chosen and rejected to their
+    longest, and concatenated_inputs both to the longer of the two."""
+    import torch  # noqa: F401  (the collator returns torch tensors)
+    from trl.experimental.utils import DPODataCollatorWithPadding
+
+    features = []
+    for i in rows:
+        p = list(map(int, pairs.prompt_ids[i]))
+        features.append({f"{side}_input_ids": p + list(map(int, ids)) for side, ids in
+                         (("chosen", pairs.chosen_ids[i]), ("rejected", pairs.rejected_ids[i]))})
+    batch = DPODataCollatorWithPadding(pad_token_id=0)(features)
+    return max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+
+@pytest.mark.parametrize("max_length", [512, 4096])
+def test_padded_batches_pad_about_as_little_as_trl(max_length):
+    """Each batch is at least as long as TRL's (every pair fits) and at most one rounding step
+    longer; the lengths a run can compile stay few."""
+    rng = np.random.default_rng(1)
+    parts = [[rng.integers(3, 90, rng.integers(50, 151)).astype(np.int32) for _ in range(64)]
+             for _ in range(3)]
+    pairs = TokenizedPairs(*parts, sources=[f"test:{i}" for i in range(64)])
+    step = padded.width_step(max_length)
+    assert step % padded.WIDTH_MULTIPLE == 0  # the smallest such multiple giving MAX_WIDTHS
+    assert step - padded.WIDTH_MULTIPLE < max_length / padded.MAX_WIDTHS <= step
+    order = padded.epoch_order(pairs.lengths(), 8, seed=0, epoch=0)
+    batches = padded.pair_batches(pairs, batch_size=8, seed=0, pad_id=0, max_length=max_length)
+    for rows in order:
+        width, trl = next(batches).input_ids.shape[2], trl_width(pairs, rows)
+        assert trl <= width < trl + step, (width, trl)
+    for m in (64, 100, 512, 1000, 1024, 4096, 8192, 32768):
+        widths = padded.bucket_lengths(m)
+        assert len(widths) <= padded.MAX_WIDTHS and widths[-1] == m, (m, widths)
+    assert padded.bucket_lengths(512, (300, 512)) == (300, 512)  # length_buckets still rule
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared_prompt", "packed"])
+def test_start_up_line_names_the_layout_and_its_fill(layout):
+    """The fill the start-up line prints is that of the batches the first epoch trains on."""
+    from simpo_jax.data import packed, packed_rows
+
+    pairs = pairs_of_many_lengths()
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
+    if layout == "padded":
+        batcher = padded.PaddedBatcher(mesh=mesh, global_batch=8, max_length=64, length_buckets=(),
+                                       seed=7, group_by_length=False, pairs=pairs, pad_id=0)
+        batches = batcher.local_batches()
+        real = slots = 0
+        for _ in range(batcher.steps_per_epoch):
+            b = next(batches)
+            real, slots = real + b.lengths.sum(), slots + b.input_ids.size
+        want = real / slots
+    else:
+        batcher = packed.PackedBatcher(mesh=mesh, layout=layout, row_length=128,
+                                       rows_per_device=2, max_pairs_per_row=8,
+                                       accumulation_steps=1, seed=7, pairs=pairs, pad_id=0)
+        batches = batcher.local_batches()
+        want = np.mean([packed_rows.packing_efficiency(next(batches))
+                        for _ in range(batcher.steps_per_epoch)])
+    assert batcher.fill() == pytest.approx(want, rel=1e-9)
+    assert batcher.description.startswith(f"{layout} batches: ")
+    assert f"fill {want:.0%}" in batcher.description

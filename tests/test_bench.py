@@ -6,6 +6,7 @@ by the glob: without --dry-run it fails here.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,21 +29,22 @@ EXPECTED = {
     "tiny_lr_sweep.py": ["dry run: sizes shrunk, figures meaningless",
                          "RESULT lr=0.001 steps=3 eval_loss", "RESULT lr=0.01 steps=3 eval_loss",
                          "RANGE ", "RESULT lr_find suggestion"],
-    "simpo_vs_trl.py": ["throughput ratio vs TRL:"],
-    "peak_check.py": ["MFU basis"],
     "memory_modes.py": ["| master weights | moments | offload |"],
 }
+# Scripts whose dry run has a test of its own below (their output checked line by line).
+OWN_TESTS = {"peak_check.py", "simpo_vs_trl.py"}
 # Over ~20 s on 2 CPU cores (compiles, tiny trainings, torch and transformers imports).
-SLOW = {"generate_vs_hf.py", "gpu_check.py", "tiny_lr_sweep.py", "simpo_vs_trl.py",
-        "memory_modes.py"}
+SLOW = {"generate_vs_hf.py", "gpu_check.py", "tiny_lr_sweep.py", "memory_modes.py"}
 
 
 def test_the_glob_finds_the_scripts():
     assert {"generate_vs_hf.py", "gpu_check.py", "tiny_lr_sweep.py"} <= set(SCRIPTS)
+    for script in OWN_TESTS:  # checked before running: one ignoring the flag runs at full size
+        assert "--dry-run" in (ROOT / "bench" / script).read_text(), script
 
 
 @pytest.mark.parametrize("script", [
-    pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in SCRIPTS])
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in SCRIPTS if name not in OWN_TESTS])
 def test_dry_run(script, tmp_path):
     path = ROOT / "bench" / script
     # Checked before running: a script that ignores the flag would run at full size.
@@ -59,3 +61,32 @@ def test_dry_run(script, tmp_path):
     assert "dry run" in done.stdout.lower(), f"bench/{script} never says it is a dry run\n{tail}"
     missing = [s for s in EXPECTED.get(script, []) if s not in done.stdout]
     assert not missing, f"bench/{script} --dry-run did not print {missing}\n{tail}"
+
+
+RATIO = r"throughput ratio vs TRL: \d+\.\d\dx"
+
+
+def run_bench(*args, timeout=900):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TRL_EXPERIMENTAL_SILENCE="1")
+    proc = subprocess.run([sys.executable, *args, "--dry-run"], cwd=str(ROOT), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_peak_check_dry_run_compares_xla_and_torch_dots_on_cpu():
+    out = run_bench("bench/peak_check.py", timeout=300)
+    assert re.search(r"^CPU: \S.* \(\d+ cores\)", out, re.M), out
+    for product in ("fwd", "dx", "dw"):
+        assert re.search(rf"{product} XLA \d+\.\d / torch \d+\.\d", out), out
+
+
+@pytest.mark.slow
+def test_simpo_vs_trl_dry_run_prints_cpu_peaks_and_both_ratios():
+    lines = run_bench("bench/simpo_vs_trl.py").strip().splitlines()
+    text = "\n".join(lines)
+    assert re.search(r"^CPU: \S", text, re.M) and "[64, 1024] x [1024, 2816]" in text, text
+    for layout in ("padded", "packed", "shared_prompt"):
+        assert re.search(rf"^head-heavy {layout}: {RATIO}$", text, re.M), text
+    assert re.fullmatch(rf"representative shared_prompt: {RATIO}", lines[-2]), lines[-2:]
+    assert re.fullmatch(RATIO, lines[-1]), lines[-1]  # the head-heavy ratio, tracked as before

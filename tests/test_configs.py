@@ -344,7 +344,7 @@ def test_listing_shows_every_field_by_section():
     fields = [line.split(":")[0].strip() for line in lines if line.startswith("  ")]
     assert fields == list(json.loads(config_lib.defaults().to_json()))  # configs/base.py order
     assert sum(line.startswith("--- ") for line in lines) == 13
-    assert "  batch_layout: str = 'padded'  [padded | packed | shared_prompt]  " in proc.stdout
+    assert "  batch_layout: str = 'shared_prompt'  [padded | packed | shared_prompt]  " in proc.stdout
     assert "  adam_beta2: float = 0.999  [in [0, 1)]  " in proc.stdout
 
 

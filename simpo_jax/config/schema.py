@@ -163,8 +163,8 @@ class Batch:
     per_device_eval_batch_size: int = option(4, "pairs per data-parallel device", POSITIVE)
     gradient_accumulation_steps: int = option(4, "micro-batches per optimizer step", POSITIVE)
     batch_layout: BatchLayout = option(
-        "padded", "padded = a pair per row, padded to a bucket; packed = pairs packed in rows; "
-        "shared_prompt = packed, each prompt encoded once")
+        "shared_prompt", "shared_prompt = pairs packed in rows, each prompt encoded once (fastest, "
+        "exact); packed = pairs packed in rows; padded = a pair per row (debugging, comparison)")
     pack_row_length: int = option(0, "tokens per packed row; 0 = 2 * max_length (every pair fits)",
                                   NON_NEGATIVE)
     pack_rows_per_device: int = option(0, "rows per device per micro-batch; 0 = about "

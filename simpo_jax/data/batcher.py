@@ -19,7 +19,7 @@ class Batcher(Protocol):
     steps_per_epoch: int
     shardings: PaddedBatch | PackedBatch  # a NamedSharding per array
     meta: dict | None  # the checkpoint meta "packing": a resume compares it
-    description: str | None  # a start-up line next to the effective batch one, if it adds one
+    description: str  # the start-up line: the layout and its fill (real / computed tokens)
 
     def batches(self, start_step: int = 0) -> feed.prefetch:
         """This process's device batches from global step start_step on, prefetched."""

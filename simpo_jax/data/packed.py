@@ -92,9 +92,16 @@ class PackedBatcher:
 
     @property
     def description(self) -> str:
+        """The start-up line: the layout, its rows, pairs per step and fill."""
         return (f"{self.layout} batches: {self.rows_per_device} rows of {self.row_length} tokens "
                 f"per device per micro-batch, {self.global_rows} rows per step, "
-                f"{self.pairs.num_pairs / self.steps_per_epoch:.1f} pairs per step on average")
+                f"{self.pairs.num_pairs / self.steps_per_epoch:.1f} pairs per step on average; "
+                f"fill {self.fill():.0%} (real tokens / computed ones, first epoch)")
+
+    def fill(self) -> float:
+        """Tokens of the first epoch's pairs / the row slots of its steps (empty rows included)."""
+        tokens = item_lengths(self.pairs, self.layout).sum()
+        return float(tokens / (self.steps_per_epoch * self.global_rows * self.row_length))
 
     @property
     def shardings(self) -> PackedBatch:

@@ -4,7 +4,11 @@ function of (seed, step).
 Each epoch is a random permutation cut into global batches, as TRL's and the original SimPO
 trainer's random samplers; group_by_length instead sorts windows of WINDOW_BATCHES global batches
 by length (less padding, but a step is then all-short or all-long pairs). The remainder
-(num_pairs % global batch) is dropped each epoch. Batch format: batch.PaddedBatch.
+(num_pairs % global batch) is dropped each epoch. A batch is as long as its longest pair rounded
+up to a multiple of 32 tokens (TRL pads to the longest pair exactly; the rounding bounds the
+compiled shapes to MAX_WIDTHS), or to config.length_buckets when given. Batch format:
+batch.PaddedBatch. The default layout is shared_prompt (packed.py): padded is for debugging and
+comparison, and the eval batches of every layout.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from simpo_jax.data import feed
 from simpo_jax.data.batch import AbstractBatch, PaddedBatch, abstract_arrays, batch_shardings
 
 WINDOW_BATCHES = 64  # group_by_length: length-sorted windows of this many global batches
+# A batch is padded to its longest pair rounded up to a multiple of WIDTH_MULTIPLE tokens (more
+# where max_length would give more than MAX_WIDTHS lengths): each length compiles its own step.
+WIDTH_MULTIPLE = 32
+MAX_WIDTHS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +38,13 @@ class PaddedBatcher:
     mesh: Any
     global_batch: int  # pairs per optimizer step, over every process and micro-batch
     max_length: int
-    length_buckets: tuple  # config.length_buckets; () = bucket_lengths' default
+    length_buckets: tuple  # config.length_buckets; () = the longest pair, rounded (bucket_lengths)
     seed: int
     group_by_length: bool
     pairs: Any  # TokenizedPairs; None: abstract batches only (the planner)
     pad_id: int | None  # None with pairs None
     layout: ClassVar[str] = "padded"
     meta: ClassVar[None] = None  # the checkpoint's "packing": none for padded batches
-    description: ClassVar[None] = None  # the effective batch line says it all
 
     @classmethod
     def from_config(cls, config, mesh, data=None) -> "PaddedBatcher":
@@ -52,6 +59,26 @@ class PaddedBatcher:
     @property
     def steps_per_epoch(self) -> int:
         return self.pairs.num_pairs // self.global_batch
+
+    @property
+    def description(self) -> str:
+        """The start-up line: the layout, its lengths and fill over the first epoch."""
+        widths = bucket_lengths(self.max_length, self.length_buckets)
+        rule = (f"to config.length_buckets {widths}" if self.length_buckets else
+                f"to their batch's longest pair rounded up to {width_step(self.max_length)} tokens")
+        return (f"padded batches: a pair per row, padded {rule}; fill {self.fill():.0%} "
+                f"(real tokens / computed ones, first epoch)")
+
+    def fill(self, epoch: int = 0) -> float:
+        """Real tokens / computed tokens of the epoch's batches (before the split over processes)."""
+        order = epoch_order(self.pairs.lengths(), self.global_batch, self.seed, epoch,
+                            self.group_by_length)
+        widths = bucket_lengths(self.max_length, self.length_buckets)
+        longest = self.pairs.lengths()
+        real = np.array([2 * len(p) + len(c) + len(r) for p, c, r in zip(
+            self.pairs.prompt_ids, self.pairs.chosen_ids, self.pairs.rejected_ids)], np.int64)
+        computed = sum(2 * len(rows) * _bucket(int(longest[rows].max()), widths) for rows in order)
+        return float(real[order].sum() / max(computed, 1))
 
     @property
     def shardings(self) -> PaddedBatch:
@@ -80,15 +107,19 @@ class PaddedBatcher:
 
 
 def bucket_lengths(max_length: int, length_buckets=()) -> tuple:
-    """The padded lengths a batch takes, ascending: config.length_buckets, or when empty powers of
-    two from 64 below max_length, plus max_length."""
+    """The padded lengths a batch takes, ascending: config.length_buckets, or when empty multiples
+    of `width_step(max_length)` below max_length, plus max_length (at most MAX_WIDTHS of them)."""
     if length_buckets:
         return tuple(sorted(length_buckets))
-    buckets, t = [], 64
-    while t < max_length:
-        buckets.append(t)
-        t *= 2
-    return tuple(buckets) + (max_length,)
+    step = width_step(max_length)
+    return tuple(range(step, max_length, step)) + (max_length,)
+
+
+def width_step(max_length: int) -> int:
+    """The rounding of a batch's longest pair: a multiple of WIDTH_MULTIPLE, so that no more than
+    MAX_WIDTHS lengths (compiled steps) exist up to max_length."""
+    per_width = -(-max_length // MAX_WIDTHS)
+    return WIDTH_MULTIPLE * -(-per_width // WIDTH_MULTIPLE)
 
 
 def epoch_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
