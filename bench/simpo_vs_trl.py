@@ -234,6 +234,24 @@ class OurSide:
         return float(np.mean([packed_rows.packing_efficiency(b) for b in self.batches]))
 
 
+def timed_rounds(trl_side, ours: dict, steps: int):
+    """Per side, each timed step's (seconds, pair tokens, real tokens); the matmul peaks."""
+    times = {name: [] for name in ["trl", *ours]}
+    tokens = {name: [] for name in times}
+    real = {name: [] for name in times}
+    # The matmul rate is measured between the rounds too, and the largest taken: one measurement
+    # right after a torch step read anywhere from 98 to 207 GFLOP/s on this machine.
+    peaks = [flops.measured_matmul_flops(2048)]
+    for _ in range(steps):  # interleaved: TRL, then each of our layouts
+        for name in times:
+            s, n, r = (trl_side if name == "trl" else ours[name]).step()
+            times[name].append(s)
+            tokens[name].append(n)
+            real[name].append(r)
+        peaks.append(flops.measured_matmul_flops(2048))
+    return times, tokens, real, peaks
+
+
 def compare(label: str, model: dict, work: str, tok, rows: dict, layouts, pairs_per_step: int,
             rows_per_step: int, steps: int, chunk: int) -> dict:
     """Times TRL and our layouts on one model, prints the table; pair tokens/s by side."""
@@ -260,20 +278,7 @@ def compare(label: str, model: dict, work: str, tok, rows: dict, layouts, pairs_
     trl_side.step()  # warm-up
     print(f"compile + warm-up: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    times = {name: [] for name in ["trl", *ours]}
-    tokens = {name: [] for name in times}
-    real = {name: [] for name in times}
-    # The matmul rate is measured between the rounds too, and the largest taken: one measurement
-    # right after a torch step read anywhere from 98 to 207 GFLOP/s on this machine.
-    peaks = [flops.measured_matmul_flops(2048)]
-    for _ in range(steps):  # interleaved: TRL, then each of our layouts
-        for name in times:
-            s, n, r = (trl_side if name == "trl" else ours[name]).step()
-            times[name].append(s)
-            tokens[name].append(n)
-            real[name].append(r)
-        peaks.append(flops.measured_matmul_flops(2048))
-
+    times, tokens, real, peaks = timed_rounds(trl_side, ours, steps)
     for name in times:
         print(f"{name} step seconds: " + ", ".join(f"{t:.2f}" for t in times[name]))
     peak = max(peaks)
