@@ -107,6 +107,7 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="a 4 MiB state, one round")
     args = parser.parse_args(argv)
     if args.dry_run:
+        print("dry run: sizes shrunk, figures meaningless", flush=True)
         state, rounds = make_state(4 / 1024, size=512), 1
     else:
         state, rounds = make_state(args.gib), args.rounds

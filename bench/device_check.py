@@ -120,6 +120,8 @@ def main(argv=None):
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.dry_run:
+        print("dry run: sizes shrunk, figures meaningless", flush=True)
     backend = jax.default_backend()
     config, row_length, rows = (TINY, 256, 1) if args.dry_run else (ONE_B, 2048, 4)
     steps = 1 if args.dry_run else args.steps
