@@ -26,6 +26,7 @@ def tiny_config(tmp_path, **overrides):
     c.model_init = TINY
     c.output_dir = str(tmp_path)
     c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_length = 1, 2, 32
+    c.batch_layout = "padded"  # the figures below are worked for [pairs, 2, max_length] batches
     for k, v in overrides.items():
         setattr(c, k, v)
     return c
