@@ -173,6 +173,7 @@ c.model_init = dict(model_type="llama", vocab_size=1024, hidden_size=256, interm
                     max_position_embeddings=512, tie_word_embeddings=False)
 c.bf16, c.gradient_checkpointing, c.output_dir = True, True, sys.argv[2]
 c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_length = 2, 2, 256
+c.batch_layout = "padded"  # the token count below is worked for [pairs, 2, max_length] batches
 plan.plan(c)
 """
 
