@@ -15,39 +15,51 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import keystr
 
 ALGORITHM = "fmix32-position-sum-v1"  # saved beside the checksums: a new scheme gets a new name
 _GOLDEN = np.uint32(0x9E3779B9)  # odd, so multiplying positions by it keeps them distinct
 
 
 def checksums(state: Any) -> dict[str, int]:
-    """{leaf path: checksum} of every array in `state`; every process gets the same numbers."""
+    """{leaf path: checksum} of every array in `state`; every process gets the same numbers.
+
+    One program sums all the leaves that live on one set of devices, and each program's sums are
+    read before the next starts. One program per leaf, all dispatched at once, put dozens of
+    independent programs with cross-device reductions in flight, and XLA's CPU runtime can
+    deadlock on those (each device waiting at another program's rendezvous) and abort.
+    """
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    sums = {jax.tree_util.keystr(path): _leaf_checksum(x) for path, x in leaves}  # all dispatched
-    return {path: int(np.asarray(s)) for path, s in sums.items()}  # then read
+    groups: dict[frozenset, list[tuple[str, jax.Array]]] = {}
+    for path, x in leaves:
+        x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+        groups.setdefault(frozenset(x.sharding.device_set), []).append((keystr(path), x))
+    out = {}
+    for group in groups.values():
+        arrays = [x for _, x in group]
+        sums = _checksum_all(arrays, tuple(_read_from(x) for x in arrays))
+        out.update((path, int(np.asarray(s))) for (path, _), s in zip(group, sums))
+    return {keystr(path): out[keystr(path)] for path, _ in leaves}
 
 
-def _leaf_checksum(x: Any) -> jax.Array:
-    if not isinstance(x, jax.Array):
-        x = jnp.asarray(x)
+def _read_from(x: jax.Array):
+    """The device sharding an offloaded (pinned host) array is read through, else None."""
     sharding = x.sharding
-    if getattr(sharding, "memory_kind", None) == "pinned_host":  # offloaded moments: read on device
-        return _checksum_of_device_copy(x, sharding.with_memory_kind("device"))
-    return _checksum(x)
+    if getattr(sharding, "memory_kind", None) == "pinned_host":
+        return sharding.with_memory_kind("device")
+    return None
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _checksum_all(arrays: list[jax.Array], read_from: tuple) -> list[jax.Array]:
+    return [_checksum_of(x if to is None else jax.device_put(x, to))
+            for x, to in zip(arrays, read_from)]
 
 
 def _checksum_of(x: jax.Array) -> jax.Array:
     words = _words(x)
     position = _flat_position(words.shape)
     return jnp.sum(_fmix32(words ^ (position * _GOLDEN)), dtype=jnp.uint32)
-
-
-_checksum = jax.jit(_checksum_of)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _checksum_of_device_copy(x: jax.Array, device_sharding) -> jax.Array:
-    return _checksum_of(jax.device_put(x, device_sharding))
 
 
 def _words(x: jax.Array) -> jax.Array:

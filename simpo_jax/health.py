@@ -67,12 +67,6 @@ def state_is_finite(state) -> bool:
     return bool(_all_finite(state))
 
 
-def vocab_size(hf_config: dict) -> int | None:
-    """The vocabulary size of a Hugging Face config dict (a multimodal one's text_config too)."""
-    size = hf_config.get("vocab_size") or (hf_config.get("text_config") or {}).get("vocab_size")
-    return int(size) if size else None
-
-
 class Health:
     """Watches a run's metrics and saves; raises RunUnhealthy with the whole story when it stops."""
 

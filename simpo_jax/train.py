@@ -41,9 +41,8 @@ def start_doctor(run: Run) -> doctor.Advisor:
     return advisor
 
 
-def utilisation_basis(run: Run) -> tuple[float, float]:
+def utilisation_basis(run: Run, arch) -> tuple[float, float]:
     """(model FLOPs per trained token, peak FLOP/s of the whole mesh) for the `mfu` metric."""
-    arch, _ = models.arch_from_hf_config(run.meta["model"])
     lengths = run.data.train.lengths()
     flops_per_token = flops.model_flops_per_token(arch, seq_len=int(lengths.mean()))
     device = run.mesh.devices.flat[0]
@@ -102,10 +101,11 @@ def _train(run: Run, guard: PreemptionGuard) -> dict:
                                   start_step=start)
     if jax.process_index() == 0:
         report.keep_rows_until(RunDir(config.output_dir).samples, start)
-    flops_per_token, peak = utilisation_basis(run)
+    arch, _ = models.arch_from_hf_config(run.meta["model"])
+    flops_per_token, peak = utilisation_basis(run, arch)
     advisor = start_doctor(run)
     warn_schedule_change(run)
-    health = health_lib.Health(run.checkpointer, health_lib.vocab_size(run.meta["model"]),
+    health = health_lib.Health(run.checkpointer, arch.vocab_size,
                                advisor.divergence, start_step=start)
 
     def save(step) -> bool:

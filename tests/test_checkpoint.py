@@ -418,7 +418,7 @@ def test_export_and_eval_of_a_damaged_latest_step_use_the_previous(uninterrupted
     overwrite_random_bytes(data_file(exported / "checkpoints" / "20"), np.random.default_rng(4))
     with caplog.at_level(logging.WARNING, logger="simpo_jax.checkpoint"):
         train.export_checkpoint(tiny_config(exported, export_dir=str(tmp_path / "hf")))
-    assert f"Exported step 10 to {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert f"Exported step 10 of 20 to {tmp_path / 'hf'}" in capsys.readouterr().out
     assert any("20: it is damaged on disk" in r.message and "checksums" in r.message
                for r in caplog.records)
     assert sorted(os.listdir(exported / "checkpoints")) == ["10", "20.damaged"]
