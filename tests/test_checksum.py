@@ -72,3 +72,23 @@ def test_the_cost_bench_runs(capsys):
     assert {"checksum", "save returns, checked", "restore, checked"} <= set(times)
     assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in times.values())
     assert "| checksum |" in capsys.readouterr().out
+
+
+def test_one_program_per_device_set(monkeypatch):
+    """Dozens of independent programs with cross-device sums in flight at once deadlock XLA's CPU
+    runtime (it aborted CI), so the leaves on one set of devices are summed by one program whose
+    sums are read before the next starts; a leaf committed to one device gets its own program."""
+    rows = NamedSharding(jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,)), P("d"))
+    state = {f"w{i}": jax.device_put(VALUES + i, rows) for i in range(30)}
+    state["step"] = jax.device_put(np.int32(7), jax.devices()[0])
+    programs, real = [], checksum._checksum_all
+
+    def counted(arrays, read_from):
+        programs.append(len(arrays))
+        return real(arrays, read_from)
+
+    monkeypatch.setattr(checksum, "_checksum_all", counted)
+    sums = checksum.checksums(state)
+    assert sorted(programs) == [1, 30]
+    assert sums["['w3']"] == reference(VALUES + 3)
+    assert sums["['step']"] == reference(np.array([7], np.int32))
