@@ -109,7 +109,7 @@ def test_batcher_reads_group_by_length():
 def test_resumed_loop_reads_the_batches_of_the_checkpoint_step(tmp_path, monkeypatch):
     """The train loop resuming at step k asks for the batches from step k on (the tests above:
     those are the batches an uninterrupted run reads there). No step compiles: k = max_steps."""
-    from test_checkpoint import tiny_config
+    from test_resume import tiny_config
     from simpo_jax import train
 
     config = tiny_config(tmp_path, max_steps=2, dataset_splits=("train_prefs",), num_samples=0,

@@ -336,7 +336,7 @@ def test_packed_run_resumes_exactly(tmp_path):
     """A tiny run with batch_layout=shared_prompt, stopped after step 10 and resumed: same steps."""
     import shutil
 
-    from test_checkpoint import final_params, tiny_config, train_rows
+    from test_resume import final_params, tiny_config, train_rows
     from simpo_jax import train
 
     layout = dict(batch_layout="shared_prompt", pack_rows_per_device=1, pack_row_length=96)
@@ -361,7 +361,7 @@ def test_packed_run_resumes_exactly(tmp_path):
 
 
 def test_too_short_rows_fail_before_training(tmp_path):
-    from test_checkpoint import tiny_config
+    from test_resume import tiny_config
     from simpo_jax import build
 
     with pytest.raises(ValueError, match=r"config.pack_row_length=16 .*set it >= \d+"):

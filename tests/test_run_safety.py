@@ -23,8 +23,8 @@ LN_V = math.log(512)  # the tiny models' vocabulary
 
 
 def tiny_config(output_dir, **overrides):
-    """test_checkpoint's tiny config: 4 steps, each logged, no save or eval before the end."""
-    from test_checkpoint import tiny_config as short_config
+    """test_resume's tiny config: 4 steps, each logged, no save or eval before the end."""
+    from test_resume import tiny_config as short_config
 
     defaults = dict(max_steps=4, eval_steps=1000, save_steps=1000, save_total_limit=2,
                     logging_steps=1, num_samples=4, report_to=())

@@ -9,7 +9,7 @@ from simpo_jax import plan as plan_lib
 from simpo_jax import setup
 from simpo_jax.data.batcher import make_batcher
 from simpo_jax import sharding as sharding_lib
-from test_checkpoint import tiny_config  # configs/tiny.py, 20 steps: the schedule's length
+from test_resume import tiny_config  # configs/tiny.py, 20 steps: the schedule's length
 
 
 def planned_and_run(c) -> tuple[str, str]:
