@@ -81,11 +81,13 @@ RESUME_CHECKS = ("model", "data_fingerprint", "global_batch", "seed", "packing",
 MODEL_CHECKS = ("model", "memory", "lora")
 
 
-def build(config, *, with_data: bool = True, schedule=None, fresh: bool = False) -> Run:
+def build(config, *, with_data: bool = True, schedule=None, fresh: bool = False,
+          checks: tuple[str, ...] | None = None) -> Run:
     """Mesh, tokenizer, data, model state (restored from a checkpoint when there is one), steps.
 
     Takes output_dir's lock (run_folder; the caller releases it); `fresh` (training) honours
-    config.overwrite_output_dir."""
+    config.overwrite_output_dir. `checks`: the meta fields a restored checkpoint must share with
+    this run (RESUME_CHECKS to train on, MODEL_CHECKS without data, by default)."""
     config = config_lib.validate(config)
     mesh = setup.start(config)
     os.makedirs(config.output_dir, exist_ok=True)
@@ -118,7 +120,9 @@ def build(config, *, with_data: bool = True, schedule=None, fresh: bool = False)
               steps.train_step, steps.eval_step, total_steps, global_batch, eval_batch,
               checkpointer, meta, batcher=batcher, frozen=model.frozen)
     if restoring:
-        run.start_step = resume(run, check=RESUME_CHECKS if with_data else MODEL_CHECKS)
+        if checks is None:
+            checks = RESUME_CHECKS if with_data else MODEL_CHECKS
+        run.start_step = resume(run, check=checks)
     return run
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from simpo_jax import loss as loss_lib
 from simpo_jax import report
 from simpo_jax import run_folder
-from simpo_jax.build import Run, build
+from simpo_jax.build import MODEL_CHECKS, Run, build
 from simpo_jax.data import feed, padded
 from simpo_jax.data.batch import batch_shardings
 from simpo_jax.errors import UserError
@@ -86,7 +86,8 @@ def evaluate_checkpoint(config) -> dict:
     to eval_results.json (the metrics the model card reports) unless config.resume_from chose
     the checkpoint.
     """
-    run = build(config)
+    # Evaluating reads the model only: another device count, batch or layout than training's is fine.
+    run = build(config, checks=MODEL_CHECKS)
     run.checkpointer.close()
     try:
         return _evaluate_checkpoint(config, run)

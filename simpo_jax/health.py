@@ -35,8 +35,10 @@ class RunUnhealthy(Exception):
     healthy checkpoint and the advice."""
 
 
-def signs(metrics: dict, log_vocab: float | None, *, train: bool = True) -> list[str]:
-    """The health signs in one row of metrics (floats), each as a few words; [] when healthy."""
+def signs(metrics: dict, log_vocab: float | None, *, train: bool = True,
+          uniform: bool = True) -> list[str]:
+    """The health signs in one row of metrics (floats), each as a few words; [] when healthy.
+    `uniform`: whether log-probabilities at -ln V count (not for a run that started there)."""
     bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         return [", ".join(f"{k}={v}" for k, v in bad.items()) + " not finite"]
@@ -44,15 +46,23 @@ def signs(metrics: dict, log_vocab: float | None, *, train: bool = True) -> list
     if train and all(metrics.get(k) == 0 for k in ("grad_norm", "rewards/accuracies",
                                                    "rewards/margins")):
         out.append("gradient norm, reward accuracy and margins all 0")
-    chosen, rejected = metrics.get("logps/chosen"), metrics.get("logps/rejected")
-    if log_vocab and chosen is not None and rejected is not None:
-        if max(abs(chosen + log_vocab), abs(rejected + log_vocab)) < UNIFORM_TOLERANCE * log_vocab:
+    chosen = metrics.get("logps/chosen")
+    if at_uniform(metrics, log_vocab):
+        if uniform:
             out.append(f"log-probabilities at -ln V = {-log_vocab:.4g} (a uniform distribution over "
                        f"the {round(math.exp(log_vocab))} tokens)")
-        elif chosen < -BLOWUP * log_vocab:
-            out.append(f"logps/chosen={chosen:.4g}, far below the uniform distribution's "
-                       f"{-log_vocab:.4g}")
+    elif log_vocab and chosen is not None and chosen < -BLOWUP * log_vocab:
+        out.append(f"logps/chosen={chosen:.4g}, far below the uniform distribution's "
+                   f"{-log_vocab:.4g}")
     return out
+
+
+def at_uniform(metrics: dict, log_vocab: float | None) -> bool:
+    """Whether chosen and rejected log-probabilities both sit at -ln V (a uniform distribution)."""
+    chosen, rejected = metrics.get("logps/chosen"), metrics.get("logps/rejected")
+    if not log_vocab or chosen is None or rejected is None:
+        return False
+    return max(abs(chosen + log_vocab), abs(rejected + log_vocab)) < UNIFORM_TOLERANCE * log_vocab
 
 
 @functools.partial(jax.jit)
@@ -78,10 +88,23 @@ class Health:
         self.checkpointer.healthy_step = start_step or None
         self.since = None  # the first step of the signs showing now
         self._warned = None  # the `since` whose skipped saves were warned about
+        self._uniform = None  # whether -ln V is a sign: set by the first metrics seen
+
+    def _signs(self, step: int, metrics: dict, *, train: bool) -> list[str]:
+        """signs(), where log-probabilities at -ln V count only when the run did not start there:
+        a freshly initialised model (model_init) is uniform before it has learnt anything, and a
+        collapse is a model that became uniform."""
+        if self._uniform is None:
+            self._uniform = not at_uniform(metrics, self.log_vocab)
+            if not self._uniform:
+                log.warning("Step %d: log-probabilities start at -ln V (a uniform distribution, as "
+                            "a freshly initialised model has); a collapse to it is not watched "
+                            "for in this run.", step)
+        return signs(metrics, self.log_vocab, train=train, uniform=self._uniform)
 
     def observe(self, step: int, metrics: dict) -> None:
         """A train step's metrics (computed from the state of step - 1)."""
-        found = signs(metrics, self.log_vocab)
+        found = self._signs(step, metrics, train=True)
         if not found:
             self.since = None
             self._vouch(step - 1)
@@ -92,7 +115,7 @@ class Health:
 
     def observe_eval(self, step: int, metrics: dict) -> None:
         """An eval's metrics (computed from the state of `step`): any sign stops the run."""
-        found = signs(metrics, self.log_vocab, train=False)
+        found = self._signs(step, metrics, train=False)
         if found:
             self.stop(step, found, bad_from=step, where="the eval of ")
         self._vouch(step)

@@ -4,6 +4,7 @@ in one line."""
 
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -112,8 +113,24 @@ def test_nan_stops_at_once_and_a_non_finite_state_is_never_saved():
     with pytest.raises(health.RunUnhealthy, match="the state after step 3: a parameter or "
                                                   "optimizer value not finite.*No healthy"):
         watch.may_save(3, {"w": jax.numpy.array([1.0, np.inf])})
+    watch = health.Health(FakeCheckpointer([]), 512, "advice")
+    watch.observe(4, HEALTHY)
     with pytest.raises(health.RunUnhealthy, match="the eval of step 4: .*uniform"):
         watch.observe_eval(4, COLLAPSED)
+
+
+def test_a_run_that_starts_uniform_is_not_stopped_for_it(caplog):
+    """A freshly initialised model (model_init) is uniform at the eval of step 0 and for its first
+    steps at a small learning rate: that is no collapse. Other signs still stop it."""
+    uniform = dict(HEALTHY, **{"logps/chosen": -6.2383, "logps/rejected": -6.2380})
+    watch = health.Health(FakeCheckpointer([]), 512, "advice")
+    with caplog.at_level(logging.WARNING, logger="simpo_jax.health"):
+        watch.observe_eval(0, uniform)
+    assert "start at -ln V" in caplog.text
+    for step in range(1, 2 * health.PATIENCE):
+        watch.observe(step, uniform)
+    with pytest.raises(health.RunUnhealthy, match="loss=nan not finite"):
+        watch.observe(2 * health.PATIENCE, dict(uniform, loss=float("nan")))
 
 
 def small_state(value):
