@@ -32,7 +32,8 @@ EXPECTED = {
     "memory_modes.py": ["| master weights | moments | offload |"],
 }
 # Scripts whose dry run has a test of its own below (their output checked line by line).
-OWN_TESTS = {"peak_check.py", "simpo_vs_trl.py"}
+OWN_TESTS = {"peak_check.py", "simpo_vs_trl.py",
+             "device_check.py"}  # tests/test_kernels.py checks its dry run's losses
 # Over ~20 s on 2 CPU cores (compiles, tiny trainings, torch and transformers imports).
 SLOW = {"generate_vs_hf.py", "gpu_check.py", "tiny_lr_sweep.py", "memory_modes.py"}
 
