@@ -3,7 +3,7 @@
     python bench/tiny_lr_sweep.py                      # ~12 min on 2 cores
     python bench/tiny_lr_sweep.py --steps 60 --rates 1e-4 1e-3 1e-2
     python bench/tiny_lr_sweep.py --set model_name_or_path=assets/tiny_sft --set model_init={}
-    python bench/tiny_lr_sweep.py --dry-run            # 2 rates x 3 steps, 5-step lr_find
+    python bench/tiny_lr_sweep.py --dry-run            # 1 rate x 3 steps, 5-step lr_find
 
 Each rate trains the tiny config (configs/tiny.py, its own schedule and batch) for --steps steps
 from the same initial weights and reports the final eval loss and reward accuracy; a rate
@@ -57,7 +57,7 @@ def short_run(rate: float, steps: int, out: str, overrides: list[str]) -> dict:
             "accuracy": evals[-1]["eval_rewards/accuracies"]}
 
 
-DRY_RUN = dict(steps=3, rates=[1e-3, 1e-2])
+DRY_RUN = dict(steps=3, rates=[1e-2])
 DRY_RUN_SET = ["lr_find_steps=5"]  # the fewest the range test's suggestion allows, and a margin
 
 
