@@ -9,7 +9,7 @@ import shlex
 import sys
 
 from simpo_jax import config as config_lib
-from simpo_jax.errors import UserError
+from simpo_jax.errors import RunUnhealthy, UserError
 from simpo_jax import paths
 from simpo_jax.tpu_probe import avoid_tpu_probe
 
@@ -29,7 +29,7 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
     """Runs `mode` on `config`; `argv` (run.py's sys.argv) names the config file in errors and
     builds the commands of the closing summary. A failure the user can act on is one line on
     stderr (its details appended to <output_dir>/run.log) and an exit status of its own."""
-    from simpo_jax import health, run_folder, run_log
+    from simpo_jax import run_folder, run_log
 
     try:
         # Before preflight, whose mesh check starts jax's backends: their probes log at INFO.
@@ -46,7 +46,7 @@ def main(config, mode: str = "train", argv: list[str] | None = None):
                  "export": train.export_checkpoint, "lr_find": lr_find.lr_find, "plot": plot,
                  "plan": plan, "generate": generate, "rm_eval": rm_eval}
         result = modes[mode](config)
-    except (UserError, health.RunUnhealthy) as e:  # the message is the whole story
+    except (UserError, RunUnhealthy) as e:  # the message is the whole story
         fail(config, e, EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_UNHEALTHY, str(e))
     except Exception as e:
         target = config.export_dir if mode == "export" and config.export_dir else config.output_dir

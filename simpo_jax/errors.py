@@ -11,3 +11,8 @@ class UserError(ValueError):
 
 class HubError(UserError):
     """A model, tokenizer or data set that cannot be had from the Hub; the message names the fix."""
+
+
+class RunUnhealthy(Exception):
+    """The run stopped on a health sign (health.py); the message (one line) names the step, the
+    sign, the last healthy checkpoint and the advice. run.py exits 3 on it, without a traceback."""

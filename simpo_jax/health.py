@@ -23,16 +23,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from simpo_jax.errors import RunUnhealthy
+
 log = logging.getLogger(__name__)
 
 PATIENCE = 5  # consecutive steps showing a collapse or blow-up sign before the run stops
 UNIFORM_TOLERANCE = 1e-3  # |logps + ln V| below this fraction of ln V reads as uniform
 BLOWUP = 10.0  # chosen log-probabilities below BLOWUP x (-ln V) per token: a blown-up model
-
-
-class RunUnhealthy(Exception):
-    """The run stopped on a health sign; the message (one line) names the step, the sign, the last
-    healthy checkpoint and the advice."""
 
 
 def signs(metrics: dict, log_vocab: float | None, *, train: bool = True,
