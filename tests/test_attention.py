@@ -74,10 +74,10 @@ def attention_inputs(layout, row_length, seed=0, heads=4, kv_heads=2, head_dim=8
 
 
 @pytest.mark.parametrize("layout,row_length,softcap,window", [
-    ("shared_prompt", 448, None, None),  # Llama
-    ("packed", 700, None, None),  # not a whole number of blocks
+    pytest.param("shared_prompt", 448, None, None, marks=pytest.mark.slow),  # Llama
+    pytest.param("packed", 700, None, None, marks=pytest.mark.slow),  # not whole blocks
     ("shared_prompt", 448, 2.0, 4),  # Gemma 2: soft-capped logits, a 4-token sliding window
-    ("packed", 700, 2.0, 100),
+    pytest.param("packed", 700, 2.0, 100, marks=pytest.mark.slow),
 ])
 def test_block_sparse_equals_dense_attention(layout, row_length, softcap, window):
     q, k, v, mask, blocks, cot, real = attention_inputs(layout, row_length, window=window)
@@ -122,6 +122,7 @@ def test_tiles_run_only_where_they_pay():
     assert L.sparse_pays(4096, 288)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [LLAMA, GEMMA2], ids=["llama", "gemma2_window4"])
 def test_decoder_on_tiles_equals_causal_blocks(config):
     """Long rows of many short pairs (the tiles pay): the decoder's hidden states and gradients

@@ -106,6 +106,7 @@ def test_batcher_reads_group_by_length():
 
 
 
+@pytest.mark.slow
 def test_resumed_loop_reads_the_batches_of_the_checkpoint_step(tmp_path, monkeypatch):
     """The train loop resuming at step k asks for the batches from step k on (the tests above:
     those are the batches an uninterrupted run reads there). No step compiles: k = max_steps."""

@@ -75,6 +75,7 @@ def run_bench(*args, timeout=900):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_peak_check_dry_run_compares_xla_and_torch_dots_on_cpu():
     out = run_bench("bench/peak_check.py", timeout=300)
     assert re.search(r"^CPU: \S.* \(\d+ cores\)", out, re.M), out

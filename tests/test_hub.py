@@ -158,11 +158,13 @@ def closed_port() -> int:
 @pytest.mark.parametrize("args, use_token, endpoint, expected", [
     (["--config.model_name_or_path=mistralai/Mistral-7B-v0.l"], False, None,
      "no such model repo"),
-    (["--config=configs/gemma2_9b.py"], False, None, "is gated and no Hugging Face token"),
-    ([], False, "closed", "cannot be reached"),
-    (["--config.model_name_or_path=someone/pickles-only"], False, None, "never loads pickles"),
-    (['--config.dataset_mixer={"HuggingFaceH4/ultrafeedback_binarised": 1.0}'], False, None,
-     "no such data set"),
+    pytest.param(["--config=configs/gemma2_9b.py"], False, None,
+                 "is gated and no Hugging Face token", marks=pytest.mark.slow),
+    pytest.param([], False, "closed", "cannot be reached", marks=pytest.mark.slow),
+    pytest.param(["--config.model_name_or_path=someone/pickles-only"], False, None,
+                 "never loads pickles", marks=pytest.mark.slow),
+    pytest.param(['--config.dataset_mixer={"HuggingFaceH4/ultrafeedback_binarised": 1.0}'],
+                 False, None, "no such data set", marks=pytest.mark.slow),
 ])
 def test_model_errors_are_one_line_and_early(hub, tmp_path, args, use_token, endpoint, expected):
     url = f"http://127.0.0.1:{closed_port()}" if endpoint == "closed" else hub.url

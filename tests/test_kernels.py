@@ -110,7 +110,7 @@ def check(kernel, layout, shape, sizes=LARGE, break_mask=False, grads=True):
 
 @pytest.mark.parametrize("kernel,layout,shape", [
     ("splash", "shared_prompt", "llama"),  # two calls
-    ("flash", "packed", "qwen3"),
+    pytest.param("flash", "packed", "qwen3", marks=pytest.mark.slow),
     pytest.param("splash", "shared_prompt", "gemma2", marks=pytest.mark.slow),  # soft-cap, window
 ])
 def test_kernel_equals_xla_attention(kernel, layout, shape):

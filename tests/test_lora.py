@@ -73,6 +73,7 @@ def max_error(a, b, mask):
     return float(np.abs(a - b)[mask == 1].max())
 
 
+@pytest.mark.slow
 def test_step0_lora_model_equals_base_exactly(tmp_path):
     path = hf_folder(tmp_path)
     ids, mask = ids_and_mask()

@@ -93,7 +93,8 @@ def test_empty_completion_gives_no_nan():
     batch = PaddedBatch(input_ids=jnp.array([[[1, 3, 4, 2, 0, 0], [1, 3, 4, 0, 0, 0]]]),
                         completion_start=jnp.array([[3, 3]]), lengths=jnp.array([[4, 3]]),
                         pair_mask=jnp.ones(1))
-    logps, count, mean_logits, _, _ = step_lib.pair_stats(graphdef, params, batch)
+    stats = jax.jit(step_lib.pair_stats, static_argnums=0)  # compiled once, not op by op
+    logps, count, mean_logits, _, _ = stats(graphdef, params, batch)
     logps, count = logps[0], count[0]
     assert np.isfinite(np.asarray(logps)).all()
     assert count.tolist() == [1.0, 0.0]

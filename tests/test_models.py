@@ -215,11 +215,8 @@ def _loss_fn(graphdef):
     return loss
 
 
-@pytest.mark.parametrize("policy", [
-    "full",
-    pytest.param("dots", marks=pytest.mark.slow),
-    pytest.param("dots_saveable", marks=pytest.mark.slow),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_saveable"])
 def test_remat_policy_gives_same_gradients(policy):
     config = dict(model_type="qwen2", **{**SMALL, "hidden_size": 32, "intermediate_size": 64})
     ids, mask = padded_batch()

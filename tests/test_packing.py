@@ -98,7 +98,8 @@ def objective(graphdef, chunk, num_pairs, num_sft):
 
 @pytest.mark.parametrize("config,layout", [
     pytest.param(LLAMA, "packed", id="llama-packed", marks=pytest.mark.slow),
-    pytest.param(GEMMA2, "shared_prompt", id="gemma2_window4-shared_prompt"),
+    pytest.param(GEMMA2, "shared_prompt", id="gemma2_window4-shared_prompt",
+                 marks=pytest.mark.slow),
     pytest.param(LLAMA, "shared_prompt", id="llama-shared_prompt", marks=pytest.mark.slow),
     pytest.param(GEMMA2, "packed", id="gemma2_window4-packed", marks=pytest.mark.slow),
     pytest.param(GEMMA3, "shared_prompt", id="gemma3_window4-shared_prompt",

@@ -63,6 +63,7 @@ def chi_square_p(counts, probs):
     return stats.chisquare(counts[keep], probs[keep] * counts.sum()).pvalue
 
 
+@pytest.mark.slow
 def test_sampled_token_distribution_matches_softmax_over_temperature():
     logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
     n = 40_000
@@ -126,6 +127,7 @@ def test_rows_stop_at_any_of_several_eos_ids(tmp_path):
     assert got != greedy
 
 
+@pytest.mark.slow
 def test_fixed_seeds_reproduce_samples(tmp_path):
     model = hf_causal(tmp_path)
     run = lambda seeds, rows=None: sampling.sample(

@@ -129,6 +129,7 @@ def plain_objective(graphdef, batch, weights, valid, cfg):
     return fn
 
 
+@pytest.mark.slow
 def test_step_gradients_equal_plain_objective():
     """Raw gradients of the jitted step (4 micro-batches on a 2x2x2 mesh): the pairs that count
     and their tokens, as the loss scores them (tests/test_trl_parity.py: the same against TRL)."""
@@ -145,8 +146,7 @@ def test_step_gradients_equal_plain_objective():
         a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()), grads, ref)
 
 
-MESHES = [(8, 1, 1), pytest.param((1, 8, 1), marks=pytest.mark.slow),
-          pytest.param((1, 4, 2), marks=pytest.mark.slow), (2, 2, 2)]
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,7 @@ def single_device_result():
     return run_step(mesh, make_batch())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_step_equals_single_device(single_device_result, shape):
     assert len(jax.devices()) == 8
@@ -174,6 +175,7 @@ def test_sharded_step_equals_single_device(single_device_result, shape):
         assert any(axis is not None for axis in expected)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_large_batch(single_device_result):
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
     losses, params, _, norms = run_step(mesh, make_batch(), accumulation_steps=4)
@@ -209,8 +211,8 @@ def test_padding_pairs_do_not_change_the_update():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a[1], b[1])
 
 
-@pytest.mark.parametrize("chunk", [pytest.param(5, marks=pytest.mark.slow),
-                                   pytest.param(8, marks=pytest.mark.slow), 64])
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [5, 8, 64])
 def test_chunked_lm_head_equals_full_logits(chunk):
     model = models.from_config(TINY, seed=1)
     graphdef, params = nnx.split(model, nnx.Param)

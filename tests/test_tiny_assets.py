@@ -93,6 +93,7 @@ def test_script_reproduces_shipped_files(tmp_path):
 
 # --- The SFT base (scripts/make_tiny_sft_model.py) and its on-policy pairs --------------------------
 
+@pytest.mark.slow
 def test_sft_base_loads_in_transformers_and_matches_ours():
     import torch
     import transformers

@@ -92,7 +92,7 @@ def trl_batch_to_ours(batch, padding_at=()):
 
 
 @pytest.mark.parametrize("beta,gbr,eps,sft_weight,mesh_shape,accumulation", [
-    pytest.param(2.0, 0.5, 0.0, 0.0, (1, 1, 1), 1, id="simpo-1_device"),
+    pytest.param(2.0, 0.5, 0.0, 0.0, (1, 1, 1), 1, id="simpo-1_device", marks=pytest.mark.slow),
     # label smoothing and the SFT term (TRL's default cpo_alpha), 2 micro-batches on 8 devices
     pytest.param(2.5, 0.3, 0.1, 1.0, (2, 2, 2), 2, id="simpo_sft-8_devices-2_micro_batches"),
 ])
