@@ -71,6 +71,10 @@ def fail(config, error: BaseException, status: int, message: str):
     log_file = failure_log(config.output_dir, error)
     details = f" (details: {log_file})" if log_file and status != EXIT_USER_ERROR else ""
     print(f"run.py: error: {message}{details}", file=sys.stderr, flush=True)
+    # Orbax writes still in flight when the disk filled end as futures no one awaits; asyncio
+    # would log each one's traceback as they are collected on the way out. The line above is
+    # the story (its details in run.log).
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     raise SystemExit(status) from None
 
 

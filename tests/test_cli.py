@@ -230,3 +230,27 @@ def test_eval_on_a_finished_run_adds_no_duplicate_row(finished_run, capsys):
     cli.main(tiny(**finished_run["overrides"], resume_from=str(folder / "checkpoints" / "1")), "eval")
     assert eval_rows(folder) == [0, 2, 1]
     assert json.loads((folder / "eval_results.json").read_text()) == metrics
+
+
+def test_no_unretrieved_future_is_logged_after_the_one_line(tmp_path, monkeypatch, caplog):
+    """Orbax writes in flight when the disk filled end as futures no one awaits: once the one
+    line is out, asyncio must not log each one's traceback as they are collected on the way out
+    (seen after a full disk: 'Future exception was never retrieved' and a traceback)."""
+    import asyncio
+    import gc
+    import logging
+    import types
+
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "level", asyncio_log.level)  # restored afterwards
+    config = types.SimpleNamespace(output_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        cli.fail(config, OSError(28, "No space left on device"), cli.EXIT_DISK, "no space left")
+    assert exit_.value.code == cli.EXIT_DISK
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(ValueError("RESOURCE_EXHAUSTED: Failed writing"))
+    del future
+    gc.collect()
+    loop.close()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

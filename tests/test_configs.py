@@ -370,12 +370,25 @@ def test_config_mistakes_are_one_line_before_any_data(args, expected):
     assert line.startswith(expected), line
 
 
-def test_help_imports_nothing_heavy():
-    proc = subprocess.run([sys.executable, "-X", "importtime", "run.py", "--help"], cwd=ROOT,
+def heavy_imports(*args):
+    """run.py ARGS under -X importtime: the process, and the heavy modules it imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "run.py", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert "--config" in proc.stdout
     modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
                if line.startswith("import time:")}
-    heavy = {m for m in modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "transformers",
-                                                       "torch", "numpy", "optax")}
-    assert not heavy, sorted(heavy)
+    return proc, sorted(m for m in modules if m.split(".")[0] in (
+        "jax", "jaxlib", "flax", "transformers", "torch", "numpy", "optax"))
+
+
+def test_help_imports_nothing_heavy():
+    proc, heavy = heavy_imports("--help")
+    assert "--config" in proc.stdout
+    assert not heavy, heavy
+
+
+def test_a_field_mistake_is_one_line_before_anything_heavy_loads():
+    """The schema's checks need no jax: a bad value is answered at once (0.3 s, not 2)."""
+    proc, heavy = heavy_imports("--config=configs/tiny.py", "--config.beta=-1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == "run.py: error: config.beta=-1.0: must be > 0."
+    assert not heavy, heavy

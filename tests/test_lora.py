@@ -262,13 +262,18 @@ def test_tiny_lora_run_learns_and_exports_both_ways(lora_run, tmp_path):
     assert len(arrays) == 3 * 2 * 7, arrays  # A and B of 7 projections: value, mu, nu
     assert all("'lora_A'" in k or "'lora_B'" in k for k in arrays), arrays
     # A full run's checkpoint holds 3 float32 copies of the base (params, mu, nu); rank 8 of
-    # this 64-wide model is 12% of its parameters (on Mistral-7B rank 16 is 0.6%). Orbax
-    # compresses the arrays, so the bytes move with the values (0.58-0.81 MB seen at steps 20 and
-    # 40, with metadata): half of the 3 copies' bytes holds them, and a checkpoint that kept even
-    # one copy of the base beside them (0.76 MB more) would not fit.
-    ckpt_bytes = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
+    # this 64-wide model is 12% of its parameters (on Mistral-7B rank 16 is 0.6%). The bytes of
+    # the arrays orbax saved (their global shapes and dtypes, from its metadata: 0.27 MB) stay
+    # under one copy of the base (0.76 MB), so a checkpoint that kept even one copy beside the
+    # adapters fails here. The files' sizes are no measure: OCDBT's data files vary from save
+    # to save (0.58 MB and 1.28 MB at step 40 of two runs of this config).
+    import orbax.checkpoint as ocp
+
+    saved = ocp.PyTreeCheckpointer().metadata(str(state_dir)).item_metadata.tree
+    saved = jax.tree.leaves(saved, is_leaf=lambda x: hasattr(x, "shape"))
+    saved_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in saved)
     base_bytes = os.path.getsize(os.path.join(base_dir, "model.safetensors"))
-    assert ckpt_bytes < 0.5 * 3 * base_bytes, (ckpt_bytes, base_bytes)
+    assert saved_bytes < base_bytes, (saved_bytes, base_bytes)
 
 
 @pytest.mark.slow
