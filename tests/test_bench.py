@@ -34,8 +34,9 @@ EXPECTED = {
 # Scripts whose dry run has a test of its own below (their output checked line by line).
 OWN_TESTS = {"peak_check.py", "simpo_vs_trl.py",
              "device_check.py"}  # tests/test_kernels.py checks its dry run's losses
-# Over ~20 s on 2 CPU cores (compiles, tiny trainings, torch and transformers imports).
-SLOW = {"generate_vs_hf.py", "gpu_check.py", "tiny_lr_sweep.py", "memory_modes.py"}
+# Over ~3 s on 2 CPU cores (compiles, tiny trainings, torch and transformers imports).
+SLOW = {"generate_vs_hf.py", "gpu_check.py", "tiny_lr_sweep.py", "memory_modes.py",
+        "checkpoint_checksum.py"}
 
 
 def test_the_glob_finds_the_scripts():

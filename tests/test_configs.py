@@ -201,9 +201,9 @@ def test_readme_mixer_examples_parse():
         assert json.loads(proc.stdout) == [list(item) for item in json.loads(example).items()]
 
 
-@pytest.mark.parametrize("value", ['{"/data/prefs.v1/train.jsonl" 1.0}',
-                                   pytest.param('["/data/prefs.v1"]', marks=pytest.mark.slow),
-                                   pytest.param("/data/prefs.v1", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ['{"/data/prefs.v1/train.jsonl" 1.0}', '["/data/prefs.v1"]',
+                                   "/data/prefs.v1"])
 def test_malformed_mixer_is_one_line_with_a_valid_example(value):
     proc = parse_like_run_py("--config=configs/tiny.py", f"--config.dataset_mixer={value}")
     assert proc.returncode == 2 and not proc.stdout

@@ -122,7 +122,7 @@ def test_bfloat16(cap, chunk):
            value_tol=1e-4, grad_tol=4e-3)
 
 
-@pytest.mark.parametrize("w_spec", [P(), P("data")])  # W replicated or sharded on V
+@pytest.mark.parametrize("w_spec", [pytest.param(P(), marks=pytest.mark.slow), P("data")])  # W replicated or sharded on V
 def test_sharded_jit(w_spec):
     """Under jit with N sharded over 8 devices. Auto axes, as the repo's meshes (sharding.py):
     with Explicit ones today's path already fails (W[targets] with sharded targets)."""
@@ -138,7 +138,7 @@ def test_sharded_jit(w_spec):
             _check(ours, ref)
 
 
-@pytest.mark.parametrize("name", ["llama_untied", "gemma2"])
+@pytest.mark.parametrize("name", ["llama_untied", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_step_statistics_and_gradients_match_transformers(name, tmp_path):
     """The train step's per-sequence statistics through the fused head (average completion
     log-probability, mean logit) and their gradients, against transformers' PyTorch model: Llama,

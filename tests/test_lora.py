@@ -324,6 +324,7 @@ def test_doctor_knows_lora_rates_and_alpha():
     assert warnings(learning_rate=5e-7) == ""
 
 
+@pytest.mark.slow
 def test_int8_base_matches_transformers_on_the_dequantised_weights(tmp_path):
     # Reference: numpy's absmax int8 of each projection row, put into the transformers model.
     path = hf_folder(tmp_path)

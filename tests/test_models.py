@@ -188,6 +188,7 @@ def test_from_config_dict_defaults_and_init():
         models.from_config(dict(model_type="gpt2"))
 
 
+@pytest.mark.slow
 def test_mesh_loading_shards_params_and_keeps_logits(tmp_path):
     hf = save_variant("llama_untied", tmp_path)
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=1, fsdp=4, tensor=2))

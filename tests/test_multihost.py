@@ -139,7 +139,8 @@ with preemption.PreemptionGuard() as guard:
 """
 
 
-@pytest.mark.parametrize("process, sig", [(1, signal.SIGTERM), (0, signal.SIGINT)],
+@pytest.mark.parametrize("process, sig", [(1, signal.SIGTERM),
+                                          pytest.param(0, signal.SIGINT, marks=pytest.mark.slow)],
                          ids=["SIGTERM-to-process-1", "SIGINT-to-process-0"])
 def test_the_guard_stops_every_process_after_the_same_step(process, sig):
     """A loop of collectives on two processes; the signal reaches one of them at step 5."""

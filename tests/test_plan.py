@@ -39,6 +39,7 @@ def cpu_plan(tmp_path_factory):
     return tmp_path, plan_lib.plan(tiny_config(tmp_path))
 
 
+@pytest.mark.slow
 def test_cpu_estimate_bytes_add_up_and_params_are_exact(cpu_plan):
     tmp_path, out = cpu_plan
     (r,) = out["tried"]
@@ -64,6 +65,7 @@ def test_cpu_estimate_bytes_add_up_and_params_are_exact(cpu_plan):
     assert json.load(open(tmp_path / "plan.json"))["choice"]["params_bytes"] == expected
 
 
+@pytest.mark.slow
 def test_model_flops_are_the_mfu_count(cpu_plan):
     from simpo_jax import flops, models
 
@@ -73,6 +75,7 @@ def test_model_flops_are_the_mfu_count(cpu_plan):
     assert r["model_flops_per_step"] == flops.model_flops(arch, tokens=pairs * 2 * 32, seq_len=32)
 
 
+@pytest.mark.slow
 def test_a_plan_that_does_not_fit_ends_with_what_to_try(cpu_plan, tmp_path, monkeypatch, capsys):
     (r,) = cpu_plan[1]["tried"]
     monkeypatch.setattr(plan_lib, "compile_step", lambda *a, **k: dict(r))  # no second compile
@@ -118,6 +121,7 @@ def test_libtpu_lockfile_held_elsewhere_is_one_line_with_the_fix(monkeypatch):
     assert "sudo rm" not in message  # libtpu's own advice would break the process holding it
 
 
+@pytest.mark.slow
 def test_verdict_flips_with_tiny_capacity(cpu_plan):
     (r,) = cpu_plan[1]["tried"]
     target = plan_targets.TARGETS["gpu-h100x8"]

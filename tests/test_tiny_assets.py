@@ -80,6 +80,7 @@ def test_prefs_schema_and_sizes():
     assert size < 2_000_000
 
 
+@pytest.mark.slow
 def test_script_reproduces_shipped_files(tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tiny_assets.py"),
                     "--out", str(tmp_path)], check=True, capture_output=True)
@@ -131,6 +132,7 @@ def test_sft_base_is_small_with_the_shipped_tokenizer():
             "the new hash here")
 
 
+@pytest.mark.slow
 def test_sft_base_follows_the_instruction_only_partly():
     from simpo_jax import models
 
