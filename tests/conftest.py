@@ -1,7 +1,10 @@
 """Force 8 CPU devices before jax is imported, so sharding is exercised for real."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -18,10 +21,6 @@ if ROOT not in sys.path:
 # run.py subprocesses the tests start (they inherit the environment): the tiny
 # model's programs are compiled once, not once per test. A fresh folder each
 # session, removed at exit, so no session reads another's programs.
-import atexit
-import shutil
-import tempfile
-
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="simpo_jax_test_xla_cache_")
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
